@@ -1,0 +1,159 @@
+#include "api/api_service.hpp"
+
+#include <openssl/rand.h>
+
+#include <chrono>
+
+#include "api/vault_shape.hpp"
+#include "common/encoding.hpp"
+#include "common/log.hpp"
+
+namespace p11kms::api {
+namespace {
+
+std::string new_request_id() {
+  unsigned char b[16];
+  RAND_bytes(b, sizeof b);
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  std::string h = encoding::hex_encode(b, sizeof b);
+  return h.substr(0, 8) + "-" + h.substr(8, 4) + "-" + h.substr(12, 4) + "-" + h.substr(16, 4) + "-" + h.substr(20);
+}
+
+// A client's id is echoed only if it is a sane token (no header injection, bounded length).
+std::string request_id_of(const http::Request& r) {
+  if (auto id = r.header("X-Request-Id")) {
+    bool ok = !id->empty() && id->size() <= 128;
+    for (char c : *id) ok = ok && c > 0x20 && c < 0x7f;
+    if (ok) return *id;
+  }
+  return new_request_id();
+}
+
+std::string presented_token(const http::Request& r) {
+  if (auto t = r.header("X-Vault-Token")) return *t;
+  if (auto a = r.header("Authorization")) {
+    const std::string prefix = "Bearer ";
+    if (a->size() > prefix.size() && strncasecmp(a->c_str(), prefix.c_str(), prefix.size()) == 0)
+      return a->substr(prefix.size());
+  }
+  return {};
+}
+
+bool may_use_namespace(const policy::TokenEntry& t, const std::string& ns) {
+  for (const auto& n : t.namespaces)
+    if (n == "*" || n == ns) return true;
+  return false;
+}
+
+int64_t now_seconds() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+json parse_body(const std::string& body, size_t max_depth) {
+  bool too_deep = false;
+  json::parser_callback_t cb = [&](int depth, json::parse_event_t, json&) {
+    if (static_cast<size_t>(depth) > max_depth) too_deep = true;
+    return !too_deep;
+  };
+  json parsed;
+  try {
+    parsed = json::parse(body, cb);
+  } catch (const json::parse_error& e) {
+    if (too_deep) throw keys::invalid("request body nests JSON deeper than the limit of " + std::to_string(max_depth));
+    throw keys::invalid("failed to parse JSON request body: " + std::string(e.what()).substr(0, 200));
+  }
+  if (too_deep) throw keys::invalid("request body nests JSON deeper than the limit of " + std::to_string(max_depth));
+  return parsed;
+}
+
+ApiService::ApiService(keys::KeyService& keys, const policy::TokenAuthenticator& auth, ApiLimits limits,
+                       std::string version)
+    : keys_(keys), auth_(auth), limits_(limits) {
+  add_sys_routes(vault_, keys_, version);
+  add_transit_routes(vault_, keys_, limits_);
+}
+
+http::Response ApiService::handle(const http::Request& request) {
+  auto started = std::chrono::steady_clock::now();
+  std::string request_id = request_id_of(request);
+  http::Response resp;
+  if (request.headers_too_large) {
+    resp = vault::error(431, {"request headers exceed the limit of " + std::to_string(limits_.max_header_bytes) + " bytes"});
+  } else if (request.body_too_large) {
+    resp = vault::error(413, {"request body exceeds the limit of " + std::to_string(limits_.max_body_bytes) + " bytes"});
+  } else if (request.path.rfind("/v1/", 0) == 0) {
+    resp = handle_vault(request, request.path.substr(4), request_id);
+  } else {
+    resp = vault::error(404, {"no handler for route \"" + request.path + "\""});
+  }
+  resp.headers.emplace_back("X-Request-Id", request_id);
+  resp.headers.emplace_back("Cache-Control", "no-store");
+  auto ms = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count() / 1000.0;
+  log::info(request.method + " " + request.path + " " + std::to_string(resp.status) + " " + std::to_string(ms) + "ms",
+            request_id);
+  return resp;
+}
+
+http::Response ApiService::handle_vault(const http::Request& request, const std::string& path,
+                                        const std::string& request_id) {
+  try {
+    // Vault treats GET ...?list=true as LIST, for clients that cannot send the LIST verb.
+    std::string method = request.method;
+    if (method == "GET" && request.query_param("list").value_or("") == "true") method = "LIST";
+    auto m = vault_.match(method, path);
+    const policy::TokenEntry* token = nullptr;
+    bool needs_auth = m.outcome != Router::Outcome::found || m.route->authenticated;
+    if (needs_auth) {
+      // Authentication comes before routing, as in Vault: without a valid token nothing about
+      // the route table is revealed.
+      token = auth_.authenticate(presented_token(request), now_seconds());
+      if (!token) return vault::error(403, {"permission denied"});
+    }
+    if (m.outcome == Router::Outcome::not_found)
+      return vault::error(404, {"no handler for route \"" + path + "\": route entry not found"});
+    if (m.outcome == Router::Outcome::method_not_allowed)
+      return vault::error(405, {"unsupported operation: " + request.method + " is not allowed on \"" + path + "\""});
+
+    Context ctx{request, request_id};
+    ctx.token = token;
+    ctx.params = m.params;
+    if (auto ns = request.header("X-Vault-Namespace")) {
+      std::string n = *ns;
+      while (!n.empty() && n.back() == '/') n.pop_back();
+      if (!n.empty()) ctx.ns = n;
+    }
+    if (token && !may_use_namespace(*token, ctx.ns))
+      return vault::error(403, {"permission denied: this token may not use namespace \"" + ctx.ns + "\""});
+
+    json values = json::object();
+    bool has_body = request.body.find_first_not_of(" \t\r\n") != std::string::npos;
+    if (has_body) {
+      values = parse_body(request.body, limits_.max_json_depth);
+      if (!values.is_object()) throw keys::invalid("the request body must be a JSON object");
+    }
+    for (const auto& [k, v] : request.query)
+      if (!values.contains(k) && k != "list") values[k] = v;
+    for (const auto& [k, v] : m.params) values[k] = v;
+    ctx.fields = FieldData(&m.route->fields, std::move(values));
+
+    Reply reply = m.route->callback(ctx);
+    auto unknown = ctx.fields.unknown_fields();
+    if (!unknown.empty() && !reply.raw && reply.status != 204) {
+      std::string w = "Endpoint ignored these unrecognized parameters: [";
+      for (size_t i = 0; i < unknown.size(); ++i) w += (i ? " " : "") + unknown[i];
+      reply.warnings.push_back(w + "]");
+    }
+    return vault::render(reply, request_id);
+  } catch (const keys::KeyError& e) {
+    if (e.kind() == keys::ErrorKind::internal) log::error(std::string("internal error: ") + e.what(), request_id);
+    return vault::error(vault::status_of(e.kind()), {e.what()});
+  } catch (const std::exception& e) {
+    log::error(std::string("unexpected error: ") + e.what(), request_id);
+    return vault::error(500, {"internal error; see the server log for request id " + request_id});
+  }
+}
+
+}  // namespace p11kms::api

@@ -1,0 +1,44 @@
+// The HTTP edge of the service: request ids, limits, authentication, routing to a dialect's
+// routes and rendering errors in that dialect's shape. Knows JSON and HTTP, not PKCS#11 or SQL.
+#pragma once
+
+#include <string>
+
+#include "api/http/types.hpp"
+#include "api/route.hpp"
+#include "keys/key_service.hpp"
+#include "policy/token_auth.hpp"
+
+namespace p11kms::api {
+
+struct ApiLimits {
+  size_t max_body_bytes = 1 << 20;
+  size_t max_header_bytes = 16384;
+  size_t max_json_depth = 64;
+  size_t max_batch_items = 1000;
+};
+
+class ApiService {
+ public:
+  ApiService(keys::KeyService& keys, const policy::TokenAuthenticator& auth, ApiLimits limits,
+             std::string version);
+  http::Response handle(const http::Request& request);
+  const Router& vault_routes() const { return vault_; }
+
+ private:
+  http::Response handle_vault(const http::Request& request, const std::string& path, const std::string& request_id);
+
+  keys::KeyService& keys_;
+  const policy::TokenAuthenticator& auth_;
+  ApiLimits limits_;
+  Router vault_;  // mounted at /v1/
+};
+
+// The dialects' route tables.
+void add_transit_routes(Router& router, keys::KeyService& keys, const ApiLimits& limits);
+void add_sys_routes(Router& router, keys::KeyService& keys, const std::string& version);
+
+// Parses a JSON request body, refusing nesting deeper than max_depth (400 naming the limit).
+json parse_body(const std::string& body, size_t max_depth);
+
+}  // namespace p11kms::api

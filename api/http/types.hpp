@@ -1,0 +1,60 @@
+// The project's own HTTP request/response types. Dialects and the API service see only these;
+// the cpprestsdk adapter (cpprest_server.cpp) is the one place that knows the library, so it
+// can be replaced without touching a dialect.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace p11kms::api::http {
+
+using Headers = std::vector<std::pair<std::string, std::string>>;
+
+struct Request {
+  std::string method;  // as sent: GET, POST, LIST, ...
+  std::string path;    // percent-decoded, without the query
+  std::vector<std::pair<std::string, std::string>> query;  // decoded
+  Headers headers;
+  std::string body;
+  std::string remote_address;
+  // Set by the adapter instead of buffering what exceeds the configured limits; the service
+  // answers 413 / 431 in the dialect's own error shape.
+  bool body_too_large = false;
+  bool headers_too_large = false;
+
+  std::optional<std::string> header(const std::string& name) const;  // case-insensitive
+  std::optional<std::string> query_param(const std::string& name) const;
+};
+
+struct Response {
+  int status = 200;
+  Headers headers;
+  std::string body;
+  std::string content_type = "application/json";
+};
+
+using Handler = std::function<Response(const Request&)>;
+
+struct ServerOptions {
+  std::string address = "127.0.0.1:8200";  // host:port
+  size_t max_body_bytes = 1 << 20;
+  size_t max_header_bytes = 16384;
+  int read_timeout_s = 30;
+  size_t threads = 40;  // the HTTP library's worker pool, fixed at start
+};
+
+class Server {
+ public:
+  virtual ~Server() = default;
+  virtual void stop() = 0;
+  virtual std::string bound_address() const = 0;
+};
+
+// Starts listening; throws std::runtime_error with a clear message (e.g. address in use).
+std::unique_ptr<Server> start_server(const ServerOptions& options, Handler handler);
+
+}  // namespace p11kms::api::http

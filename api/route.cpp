@@ -1,0 +1,147 @@
+#include "api/route.hpp"
+
+#include "keys/errors.hpp"
+
+namespace p11kms::api {
+namespace {
+
+std::vector<std::string> split_path(const std::string& path) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= path.size()) {
+    size_t slash = path.find('/', start);
+    if (slash == std::string::npos) slash = path.size();
+    out.push_back(path.substr(start, slash - start));
+    start = slash + 1;
+  }
+  return out;
+}
+
+bool match_pattern(const std::string& pattern, const std::string& path, std::map<std::string, std::string>& params) {
+  auto p = split_path(pattern), s = split_path(path);
+  if (p.size() != s.size()) return false;
+  std::map<std::string, std::string> found;
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (!p[i].empty() && p[i][0] == ':') {
+      if (s[i].empty()) return false;
+      found[p[i].substr(1)] = s[i];
+    } else if (p[i] != s[i]) {
+      return false;
+    }
+  }
+  params = std::move(found);
+  return true;
+}
+
+}  // namespace
+
+const char* field_type_name(FieldType t) {
+  switch (t) {
+    case FieldType::string: return "a string";
+    case FieldType::integer: return "an integer";
+    case FieldType::boolean: return "a boolean";
+    case FieldType::array: return "an array";
+    default: return "an object";
+  }
+}
+
+Router::Match Router::match(const std::string& method, const std::string& path) const {
+  Match m;
+  for (const auto& r : routes_) {
+    std::map<std::string, std::string> params;
+    if (!match_pattern(r.pattern, path, params)) continue;
+    if (r.method == method) {
+      m.outcome = Outcome::found;
+      m.route = &r;
+      m.params = std::move(params);
+      return m;
+    }
+    m.outcome = Outcome::method_not_allowed;
+  }
+  return m;
+}
+
+const Field& FieldData::field(const std::string& name) const {
+  if (schema_)
+    for (const auto& f : *schema_)
+      if (f.name == name) return f;
+  throw keys::KeyError(keys::ErrorKind::internal, "internal", "undeclared field " + name);
+}
+
+const json* FieldData::value(const std::string& name) const {
+  auto it = values_.find(name);
+  if (it != values_.end() && !it->is_null()) return &*it;
+  const auto& d = field(name).default_value;
+  return d.is_null() ? nullptr : &d;
+}
+
+bool FieldData::has(const std::string& name) const {
+  auto it = values_.find(name);
+  return it != values_.end() && !it->is_null();
+}
+
+std::string FieldData::get_string(const std::string& name) const {
+  const json* v = value(name);
+  if (!v) return {};
+  if (v->is_string()) return v->get<std::string>();
+  if (v->is_number_integer()) return std::to_string(v->get<int64_t>());
+  throw keys::invalid("field \"" + name + "\" must be " + field_type_name(FieldType::string));
+}
+
+int64_t FieldData::get_int(const std::string& name) const {
+  const json* v = value(name);
+  if (!v) return 0;
+  if (v->is_number_integer()) return v->get<int64_t>();
+  if (v->is_number_float()) {
+    double d = v->get<double>();
+    if (d == static_cast<double>(static_cast<int64_t>(d))) return static_cast<int64_t>(d);
+  }
+  if (v->is_string()) {
+    const auto& s = v->get_ref<const std::string&>();
+    try {
+      size_t used = 0;
+      long long n = std::stoll(s, &used, 10);
+      if (used == s.size()) return n;
+    } catch (const std::exception&) {
+    }
+  }
+  throw keys::invalid("field \"" + name + "\" must be " + field_type_name(FieldType::integer));
+}
+
+bool FieldData::get_bool(const std::string& name) const {
+  const json* v = value(name);
+  if (!v) return false;
+  if (v->is_boolean()) return v->get<bool>();
+  if (v->is_number_integer()) {
+    auto n = v->get<int64_t>();
+    if (n == 0 || n == 1) return n == 1;
+  }
+  if (v->is_string()) {
+    const auto& s = v->get_ref<const std::string&>();
+    if (s == "true" || s == "1" || s == "t" || s == "True" || s == "TRUE") return true;
+    if (s == "false" || s == "0" || s == "f" || s == "False" || s == "FALSE") return false;
+  }
+  throw keys::invalid("field \"" + name + "\" must be " + field_type_name(FieldType::boolean));
+}
+
+const json& FieldData::get_array(const std::string& name) const {
+  static const json empty = json::array();
+  const json* v = value(name);
+  if (!v) return empty;
+  if (!v->is_array()) throw keys::invalid("field \"" + name + "\" must be " + field_type_name(FieldType::array));
+  return *v;
+}
+
+std::vector<std::string> FieldData::unknown_fields() const {
+  std::vector<std::string> out;
+  if (!values_.is_object()) return out;
+  for (auto it = values_.begin(); it != values_.end(); ++it) {
+    bool known = false;
+    if (schema_)
+      for (const auto& f : *schema_) known = known || f.name == it.key();
+    if (!known) out.push_back(it.key());
+  }
+  return out;
+}
+
+}  // namespace p11kms::api

@@ -1,0 +1,99 @@
+// A route is a declaration, in the style of Vault's framework.Path: a method and a pattern,
+// typed fields with descriptions, one callback and a summary. Validation, error messages and
+// docs all come from the declaration.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "api/http/types.hpp"
+#include "policy/token_auth.hpp"
+
+namespace p11kms::api {
+
+using json = nlohmann::json;
+
+enum class FieldType { string, integer, boolean, array, object };
+const char* field_type_name(FieldType t);
+
+struct Field {
+  std::string name;
+  FieldType type = FieldType::string;
+  std::string description;
+  json default_value = nullptr;
+};
+
+// Typed access to a request's parameters (URL segments, query, JSON body), checked against
+// the route's declared fields. Vault's decoding is weak ("5" is an integer, "true" a boolean),
+// and so is this, so clients that send strings keep working.
+class FieldData {
+ public:
+  FieldData() = default;
+  FieldData(const std::vector<Field>* schema, json values) : schema_(schema), values_(std::move(values)) {}
+
+  bool has(const std::string& name) const;
+  std::string get_string(const std::string& name) const;
+  int64_t get_int(const std::string& name) const;
+  bool get_bool(const std::string& name) const;
+  const json& get_array(const std::string& name) const;  // an empty array if absent
+  const json& raw() const { return values_; }
+  std::vector<std::string> unknown_fields() const;
+
+ private:
+  const Field& field(const std::string& name) const;
+  const json* value(const std::string& name) const;
+  const std::vector<Field>* schema_ = nullptr;
+  json values_ = json::object();
+};
+
+struct Context {
+  const http::Request& request;
+  std::string request_id;
+  std::string ns = "root";
+  const policy::TokenEntry* token = nullptr;
+  std::map<std::string, std::string> params;  // from the URL pattern
+  FieldData fields;
+};
+
+// What a callback returns: a status and the dialect's payload (for Vault, the "data" object).
+struct Reply {
+  int status = 200;
+  json data = nullptr;
+  std::vector<std::string> warnings;
+  bool raw = false;  // body is `data` itself, not wrapped in the dialect's envelope
+};
+
+using Callback = std::function<Reply(Context&)>;
+
+struct Route {
+  std::string method;   // GET, POST, DELETE, LIST
+  std::string pattern;  // relative to the dialect's mount, e.g. "transit/keys/:name"
+  std::vector<Field> fields;
+  std::string summary;
+  Callback callback;
+  bool authenticated = true;
+};
+
+class Router {
+ public:
+  void add(Route route) { routes_.push_back(std::move(route)); }
+  const std::vector<Route>& routes() const { return routes_; }
+
+  enum class Outcome { found, not_found, method_not_allowed };
+  struct Match {
+    Outcome outcome = Outcome::not_found;
+    const Route* route = nullptr;
+    std::map<std::string, std::string> params;
+  };
+  Match match(const std::string& method, const std::string& path) const;
+
+ private:
+  std::vector<Route> routes_;
+};
+
+}  // namespace p11kms::api

@@ -1,0 +1,71 @@
+// Vault's sys and auth routes that clients call around transit: health (no token) and
+// token lookup-self (what hvac's is_authenticated() asks).
+#include <chrono>
+#include <ctime>
+
+#include "api/api_service.hpp"
+
+namespace p11kms::api {
+namespace {
+
+std::string rfc3339(int64_t t) {
+  std::time_t tt = static_cast<std::time_t>(t);
+  std::tm tm{};
+  gmtime_r(&tt, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+}  // namespace
+
+void add_sys_routes(Router& router, keys::KeyService& ks, const std::string& version) {
+  Route health{"GET", "sys/health", {}, "Health in Vault's shape plus the token's state; no token needed.",
+               [&ks, version](Context&) {
+                 auto h = ks.health();
+                 auto now = std::chrono::duration_cast<std::chrono::seconds>(
+                                std::chrono::system_clock::now().time_since_epoch()).count();
+                 json missing = json::array();
+                 for (const auto& m : h.missing_objects)
+                   missing.push_back({{"namespace", m.ns}, {"key", m.name}, {"version", m.version}});
+                 json hsm{{"token_label", h.token.token_label},
+                          {"reachable", h.token.reachable},
+                          {"sessions_total", h.token.sessions_total},
+                          {"sessions_in_use", h.token.sessions_in_use}};
+                 if (!h.token.reachable) hsm["error"] = h.token.last_error;
+                 json body{{"initialized", true},
+                           {"sealed", !h.token.reachable},
+                           {"standby", false},
+                           {"performance_standby", false},
+                           {"replication_performance_mode", "disabled"},
+                           {"replication_dr_mode", "disabled"},
+                           {"server_time_utc", now},
+                           {"version", version},
+                           {"cluster_name", "p11kms"},
+                           {"hsm", hsm},
+                           {"store", {{"missing_objects", missing}}}};
+                 // Vault answers 503 while sealed; here "sealed" means the token does not answer.
+                 return Reply{h.token.reachable ? 200 : 503, body, {}, true};
+               }};
+  health.authenticated = false;
+  router.add(health);
+
+  router.add({"GET", "auth/token/lookup-self", {}, "Describe the calling token (never the token itself).",
+              [](Context& ctx) {
+                const auto& t = *ctx.token;
+                json data{{"display_name", "token-" + t.name},
+                          {"policies", t.policies},
+                          {"namespaces", t.namespaces},
+                          {"expire_time", t.expires ? json(rfc3339(*t.expires)) : json(nullptr)},
+                          {"meta", nullptr},
+                          {"num_uses", 0},
+                          {"orphan", true},
+                          {"renewable", false},
+                          {"ttl", 0},
+                          {"type", "service"},
+                          {"path", "auth/token/root"}};
+                return Reply{200, data};
+              }});
+}
+
+}  // namespace p11kms::api

@@ -1,0 +1,44 @@
+#include "api/vault_shape.hpp"
+
+namespace p11kms::api::vault {
+
+int status_of(keys::ErrorKind kind) {
+  switch (kind) {
+    case keys::ErrorKind::invalid_argument: return 400;
+    case keys::ErrorKind::forbidden: return 403;
+    case keys::ErrorKind::not_found: return 404;
+    case keys::ErrorKind::conflict: return 409;
+    case keys::ErrorKind::payload_too_large: return 413;
+    case keys::ErrorKind::unavailable: return 503;
+    default: return 500;
+  }
+}
+
+http::Response render(const Reply& reply, const std::string& request_id) {
+  http::Response r;
+  r.status = reply.status;
+  if (reply.status == 204) return r;
+  if (reply.raw) {
+    r.body = reply.data.dump();
+    return r;
+  }
+  json body = {{"request_id", request_id},
+               {"lease_id", ""},
+               {"renewable", false},
+               {"lease_duration", 0},
+               {"data", reply.data},
+               {"wrap_info", nullptr},
+               {"warnings", reply.warnings.empty() ? json(nullptr) : json(reply.warnings)},
+               {"auth", nullptr}};
+  r.body = body.dump();
+  return r;
+}
+
+http::Response error(int status, const std::vector<std::string>& messages) {
+  http::Response r;
+  r.status = status;
+  r.body = json{{"errors", messages}}.dump();
+  return r;
+}
+
+}  // namespace p11kms::api::vault

@@ -1,0 +1,203 @@
+#include "app/cli.hpp"
+
+#include <openssl/crypto.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "app/config.hpp"
+#include "app/server.hpp"
+#include "common/encoding.hpp"
+#include "common/log.hpp"
+#include "hsm/token_admin.hpp"
+
+namespace p11kms::app {
+namespace {
+
+const char* kUsage = R"(Usage: p11kms <command> [options]
+
+Commands:
+  server -config FILE        Run the server from a YAML config file.
+  server -dev [options]      Run a development server on a throwaway SoftHSM token:
+      -dev-data-dir DIR          token, PINs and SQLite store (default ./var/dev)
+      -dev-listen-address ADDR   listen address (default 127.0.0.1:8200)
+      -dev-root-token-id ID      root token to accept (default: random, printed)
+  server options: -log-level debug|info|warn|error
+  token hash                 Read an API token on stdin; print its config line
+                             (token_sha256: <hex>).
+  hsm init-token [--module M] [--force]
+                             Initialize a PKCS#11 token. Label, SO PIN and user PIN come
+                             from P11KMS_TOKEN_LABEL (default p11kms), P11KMS_SO_PIN or
+                             P11KMS_SO_PIN_FILE, P11KMS_USER_PIN or P11KMS_USER_PIN_FILE;
+                             never from the command line.
+  version                    Print the version.
+  help                       Print this help.
+)";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Go-style flags (as Vault's CLI): -name value, -name=value, --name, booleans without value.
+std::map<std::string, std::string> parse_flags(const std::vector<std::string>& args,
+                                               const std::map<std::string, bool>& known /* name -> takes value */) {
+  std::map<std::string, std::string> out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string a = args[i];
+    if (a.size() < 2 || a[0] != '-') throw UsageError("unexpected argument \"" + a + "\"");
+    a = a.substr(a[1] == '-' ? 2 : 1);
+    std::optional<std::string> value;
+    if (auto eq = a.find('='); eq != std::string::npos) {
+      value = a.substr(eq + 1);
+      a = a.substr(0, eq);
+    }
+    auto it = known.find(a);
+    if (it == known.end()) throw UsageError("flag provided but not defined: -" + a);
+    if (it->second) {
+      if (!value) {
+        if (i + 1 >= args.size()) throw UsageError("flag needs an argument: -" + a);
+        value = args[++i];
+      }
+      out[a] = *value;
+    } else {
+      if (value && *value != "true" && *value != "false") throw UsageError("flag -" + a + " takes no value");
+      out[a] = value.value_or("true");
+    }
+  }
+  return out;
+}
+
+std::optional<hsm::SecretString> secret_from_env(const char* var, const char* file_var) {
+  if (const char* v = std::getenv(var); v && *v) return hsm::SecretString(v);
+  if (const char* f = std::getenv(file_var); f && *f) return read_secret_file(f);
+  return std::nullopt;
+}
+
+int cmd_server(const std::vector<std::string>& args) {
+  auto flags = parse_flags(args, {{"config", true},
+                                  {"dev", false},
+                                  {"dev-data-dir", true},
+                                  {"dev-listen-address", true},
+                                  {"dev-root-token-id", true},
+                                  {"log-level", true}});
+  if (flags.count("log-level")) {
+    const auto& l = flags["log-level"];
+    if (l == "debug") log::set_level(log::Level::debug);
+    else if (l == "info") log::set_level(log::Level::info);
+    else if (l == "warn") log::set_level(log::Level::warn);
+    else if (l == "error") log::set_level(log::Level::error);
+    else throw UsageError("-log-level must be debug, info, warn or error");
+  }
+  bool dev = flags.count("dev") && flags["dev"] == "true";
+  if (dev && flags.count("config")) throw UsageError("-dev and -config cannot be combined");
+  if (!dev) {
+    for (const char* f : {"dev-data-dir", "dev-listen-address", "dev-root-token-id"})
+      if (flags.count(f)) throw UsageError(std::string("-") + f + " needs -dev");
+    if (!flags.count("config")) throw UsageError("server needs -config FILE or -dev");
+    Config config = load_config_file(flags["config"]);
+    return run_server(config, "");
+  }
+  DevOptions o;
+  if (flags.count("dev-data-dir")) o.data_dir = flags["dev-data-dir"];
+  if (flags.count("dev-listen-address")) o.listen_address = flags["dev-listen-address"];
+  if (flags.count("dev-root-token-id")) o.root_token = flags["dev-root-token-id"];
+  Config config = prepare_dev(o);
+  std::string banner =
+      "WARNING! dev mode is enabled: a throwaway SoftHSM token and SQLite store in " + o.data_dir + ".\n\n"
+      "You may need to set the following environment variables:\n\n"
+      "    export VAULT_ADDR='http://" + o.listen_address + "'\n"
+      "    export VAULT_TOKEN='" + o.root_token + "'\n\n"
+      "Root Token: " + o.root_token + "\n"
+      "Token config: SOFTHSM2_CONF=" + std::string(std::getenv("SOFTHSM2_CONF")) +
+      " (user PIN in " + config.hsm.pin_file + ")\n\n";
+  return run_server(config, banner);
+}
+
+int cmd_token(const std::vector<std::string>& args) {
+  if (args.size() != 1 || args[0] != "hash") throw UsageError("usage: p11kms token hash < token-file");
+  std::string token((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+  if (!token.empty() && token.back() == '\n') token.pop_back();
+  if (token.empty()) {
+    std::cerr << "p11kms: no token on stdin" << std::endl;
+    return 2;
+  }
+  auto h = policy::sha256_of(token);
+  OPENSSL_cleanse(token.data(), token.size());
+  std::cout << "token_sha256: " << encoding::hex_encode(h.data(), h.size()) << std::endl;
+  return 0;
+}
+
+int cmd_hsm(const std::vector<std::string>& args) {
+  if (args.empty() || args[0] != "init-token") throw UsageError("usage: p11kms hsm init-token [--module M] [--force]");
+  auto flags = parse_flags({args.begin() + 1, args.end()}, {{"module", true}, {"force", false}});
+  hsm::InitTokenRequest r;
+  r.module = flags.count("module") ? flags["module"] : "/usr/lib/softhsm/libsofthsm2.so";
+  r.force = flags.count("force") && flags["force"] == "true";
+  const char* label = std::getenv("P11KMS_TOKEN_LABEL");
+  r.label = label && *label ? label : "p11kms";
+  auto so = secret_from_env("P11KMS_SO_PIN", "P11KMS_SO_PIN_FILE");
+  auto user = secret_from_env("P11KMS_USER_PIN", "P11KMS_USER_PIN_FILE");
+  if (!so) throw UsageError("no SO PIN: set P11KMS_SO_PIN or P11KMS_SO_PIN_FILE");
+  if (!user) throw UsageError("no user PIN: set P11KMS_USER_PIN or P11KMS_USER_PIN_FILE");
+  r.so_pin = *so;
+  r.user_pin = *user;
+  try {
+    switch (hsm::init_token(r)) {
+      case hsm::InitResult::initialized:
+        std::cout << "initialized token '" << r.label << "'" << std::endl;
+        break;
+      case hsm::InitResult::reinitialized:
+        std::cout << "re-initialized token '" << r.label << "' (all its objects are gone)" << std::endl;
+        break;
+      case hsm::InitResult::already_initialized:
+        std::cout << "token '" << r.label
+                  << "' is already initialized; nothing changed (use --force to re-initialize)" << std::endl;
+        break;
+    }
+  } catch (const std::exception& e) {
+    std::cerr << "p11kms: " << e.what() << std::endl;
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_cli(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  try {
+    if (args.empty()) {
+      std::cerr << kUsage;
+      return 2;
+    }
+    std::string cmd = args[0];
+    std::vector<std::string> rest(args.begin() + 1, args.end());
+    if (cmd == "version" || cmd == "-version" || cmd == "--version") {
+      std::cout << "p11kms " << P11KMS_VERSION << std::endl;
+      return 0;
+    }
+    if (cmd == "help" || cmd == "-h" || cmd == "-help" || cmd == "--help") {
+      std::cout << kUsage;
+      return 0;
+    }
+    if (cmd == "server") return cmd_server(rest);
+    if (cmd == "token") return cmd_token(rest);
+    if (cmd == "hsm") return cmd_hsm(rest);
+    throw UsageError("unknown command \"" + cmd + "\"");
+  } catch (const UsageError& e) {
+    std::cerr << "p11kms: " << e.what() << "\n\n" << kUsage;
+    return 2;
+  } catch (const ConfigError& e) {
+    std::cerr << "p11kms: " << e.what() << std::endl;
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "p11kms: " << e.what() << std::endl;
+    return 1;
+  }
+}
+
+}  // namespace p11kms::app

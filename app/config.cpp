@@ -1,0 +1,221 @@
+#include "app/config.hpp"
+
+#include <openssl/crypto.h>
+#include <yaml-cpp/yaml.h>
+
+#include <cstdlib>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <map>
+#include <set>
+#include <sstream>
+
+namespace p11kms::app {
+namespace {
+
+namespace fs = std::filesystem;
+
+[[noreturn]] void fail(const std::string& key, const std::string& message) {
+  throw ConfigError("config: " + key + ": " + message);
+}
+
+// Keys this release knows, per section. Sections whose features have not landed are known
+// (so a typo is still reported as unknown) but refused with a message saying so.
+const std::map<std::string, std::set<std::string>>& known_keys() {
+  static const std::map<std::string, std::set<std::string>> k = {
+      {"", {"listen", "hsm", "store", "auth", "policies", "audit", "keyring", "jwks", "byok", "limits"}},
+      {"listen", {"address", "tls", "threads"}},
+      {"hsm", {"module", "token_label", "pin_file", "pin_env", "sessions"}},
+      {"store", {"driver", "path", "dsn", "password_file"}},
+      {"auth", {"tokens"}},
+      {"auth.tokens[]", {"name", "token_sha256", "policies", "namespaces", "expires", "cert_sha256"}},
+      {"limits", {"max_body_bytes", "max_json_depth", "max_batch_items", "max_header_bytes",
+                  "max_key_name_length", "read_timeout_s", "rate_limit"}},
+  };
+  return k;
+}
+
+void check_keys(const YAML::Node& node, const std::string& section, const std::string& where) {
+  if (!node.IsMap()) fail(where.empty() ? "(top level)" : where, "must be a mapping");
+  const auto& allowed = known_keys().at(section);
+  for (const auto& kv : node) {
+    std::string key = kv.first.as<std::string>();
+    if (!allowed.count(key))
+      throw ConfigError("config: unknown key \"" + (where.empty() ? key : where + "." + key) + "\"");
+  }
+}
+
+std::string str(const YAML::Node& n, const std::string& key) {
+  if (!n.IsScalar()) fail(key, "must be a string");
+  return n.as<std::string>();
+}
+
+long long integer(const YAML::Node& n, const std::string& key, long long min, long long max) {
+  if (!n.IsScalar()) fail(key, "must be an integer");
+  long long v = 0;
+  try {
+    size_t used = 0;
+    std::string s = n.as<std::string>();
+    v = std::stoll(s, &used);
+    if (used != s.size()) throw std::invalid_argument(s);
+  } catch (const std::exception&) {
+    fail(key, "must be an integer");
+  }
+  if (v < min || v > max) fail(key, "must be between " + std::to_string(min) + " and " + std::to_string(max));
+  return v;
+}
+
+std::vector<std::string> string_list(const YAML::Node& n, const std::string& key) {
+  if (!n.IsSequence()) fail(key, "must be a list of strings");
+  std::vector<std::string> out;
+  for (const auto& item : n) out.push_back(str(item, key));
+  return out;
+}
+
+std::string absolute(const std::string& path, const std::string& base_dir) {
+  fs::path p(path);
+  return p.is_absolute() ? p.string() : (fs::path(base_dir) / p).lexically_normal().string();
+}
+
+int64_t parse_rfc3339(const std::string& s, const std::string& key) {
+  std::tm tm{};
+  std::istringstream in(s);
+  in >> std::get_time(&tm, "%Y-%m-%dT%H:%M:%S");
+  if (in.fail()) fail(key, "must be an RFC 3339 time such as 2027-01-01T00:00:00Z");
+  std::string rest;
+  in >> rest;
+  if (!rest.empty() && rest != "Z") fail(key, "must be a UTC time ending in Z");
+  return static_cast<int64_t>(timegm(&tm));
+}
+
+[[noreturn]] void not_yet(const std::string& key, const std::string& what) {
+  fail(key, what + " is not available in this release of p11kms");
+}
+
+void parse_tokens(const YAML::Node& tokens, Config& c) {
+  if (!tokens.IsSequence()) fail("auth.tokens", "must be a list");
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    std::string where = "auth.tokens[" + std::to_string(i) + "]";
+    const auto& t = tokens[i];
+    check_keys(t, "auth.tokens[]", where);
+    policy::TokenEntry e;
+    e.name = t["name"] ? str(t["name"], where + ".name") : "token-" + std::to_string(i);
+    if (!t["token_sha256"]) fail(where + ".token_sha256", "is required (`p11kms token hash` prints it)");
+    auto h = policy::parse_token_hash(str(t["token_sha256"], where + ".token_sha256"));
+    if (!h) fail(where + ".token_sha256", "must be 64 hex characters (the SHA-256 of the token)");
+    e.sha256 = *h;
+    if (t["policies"]) {
+      e.policies = string_list(t["policies"], where + ".policies");
+      for (const auto& p : e.policies)
+        if (p != "root")
+          fail(where + ".policies", "policy \"" + p + "\" is not available in this release (only the built-in root)");
+    }
+    if (t["namespaces"]) e.namespaces = string_list(t["namespaces"], where + ".namespaces");
+    if (t["expires"]) e.expires = parse_rfc3339(str(t["expires"], where + ".expires"), where + ".expires");
+    if (t["cert_sha256"]) not_yet(where + ".cert_sha256", "mTLS client certificate binding");
+    c.tokens.push_back(std::move(e));
+  }
+}
+
+}  // namespace
+
+Config parse_config(const std::string& text, const std::string& base_dir) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError(std::string("config: invalid YAML: ") + e.what());
+  }
+  Config c;
+  if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
+  check_keys(root, "", "");
+
+  if (auto l = root["listen"]) {
+    check_keys(l, "listen", "listen");
+    if (l["address"]) c.listen_address = str(l["address"], "listen.address");
+    if (c.listen_address.find(':') == std::string::npos) fail("listen.address", "must be host:port");
+    if (l["tls"]) not_yet("listen.tls", "TLS");
+    if (l["threads"]) c.http_threads = static_cast<size_t>(integer(l["threads"], "listen.threads", 2, 1024));
+  }
+  if (auto h = root["hsm"]) {
+    check_keys(h, "hsm", "hsm");
+    if (h["module"]) c.hsm.module = str(h["module"], "hsm.module");
+    if (h["token_label"]) c.hsm.token_label = str(h["token_label"], "hsm.token_label");
+    if (h["pin_file"]) c.hsm.pin_file = absolute(str(h["pin_file"], "hsm.pin_file"), base_dir);
+    if (h["pin_env"]) c.hsm.pin_env = str(h["pin_env"], "hsm.pin_env");
+    if (h["sessions"]) c.hsm.sessions = static_cast<size_t>(integer(h["sessions"], "hsm.sessions", 1, 1024));
+  }
+  if (!c.hsm.pin_file.empty() && !c.hsm.pin_env.empty()) fail("hsm", "set pin_file or pin_env, not both");
+  if (c.hsm.pin_file.empty() && c.hsm.pin_env.empty()) fail("hsm", "pin_file or pin_env is required (the token's user PIN)");
+  if (c.hsm.module.find('/') != std::string::npos) c.hsm.module = absolute(c.hsm.module, base_dir);
+
+  if (auto s = root["store"]) {
+    check_keys(s, "store", "store");
+    if (s["driver"]) c.store.driver = str(s["driver"], "store.driver");
+    if (c.store.driver == "postgres") not_yet("store.driver", "the postgres driver");
+    if (c.store.driver != "sqlite") fail("store.driver", "must be sqlite or postgres");
+    if (s["path"]) c.store.path = str(s["path"], "store.path");
+    if (s["dsn"]) not_yet("store.dsn", "the postgres driver");
+    if (s["password_file"]) not_yet("store.password_file", "the postgres driver");
+  }
+  c.store.path = absolute(c.store.path, base_dir);
+
+  if (auto a = root["auth"]) {
+    check_keys(a, "auth", "auth");
+    if (a["tokens"]) parse_tokens(a["tokens"], c);
+  }
+  if (c.tokens.empty()) fail("auth.tokens", "at least one token is required");
+
+  if (auto p = root["policies"]; p && !(p.IsMap() && p.size() == 0)) not_yet("policies", "custom policies");
+  if (root["audit"]) not_yet("audit", "the audit log");
+  if (root["keyring"]) not_yet("keyring", "the keyring dialect");
+  if (root["jwks"]) not_yet("jwks", "the jwks dialect");
+  if (root["byok"]) not_yet("byok", "the byok dialect");
+
+  if (auto l = root["limits"]) {
+    check_keys(l, "limits", "limits");
+    if (l["max_body_bytes"]) c.limits.max_body_bytes = integer(l["max_body_bytes"], "limits.max_body_bytes", 1024, 1LL << 30);
+    if (l["max_json_depth"]) c.limits.max_json_depth = integer(l["max_json_depth"], "limits.max_json_depth", 2, 1000);
+    if (l["max_batch_items"]) c.limits.max_batch_items = integer(l["max_batch_items"], "limits.max_batch_items", 1, 1000000);
+    if (l["max_header_bytes"]) c.limits.max_header_bytes = integer(l["max_header_bytes"], "limits.max_header_bytes", 1024, 1 << 20);
+    if (l["max_key_name_length"]) c.max_key_name_length = integer(l["max_key_name_length"], "limits.max_key_name_length", 1, 1024);
+    if (l["read_timeout_s"]) c.read_timeout_s = integer(l["read_timeout_s"], "limits.read_timeout_s", 1, 3600);
+    if (l["rate_limit"]) not_yet("limits.rate_limit", "rate limiting");
+  }
+  return c;
+}
+
+Config load_config_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError("config: cannot read " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::string base = fs::absolute(fs::path(path)).parent_path().string();
+  return parse_config(ss.str(), base);
+}
+
+hsm::SecretString read_secret_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw ConfigError("cannot read secret file " + path);
+  std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!s.empty() && s.back() == '\n') s.pop_back();
+  if (!s.empty() && s.back() == '\r') s.pop_back();
+  hsm::SecretString out(s);
+  OPENSSL_cleanse(s.data(), s.size());
+  return out;
+}
+
+hsm::SecretString read_pin(const Config::Hsm& h) {
+  if (!h.pin_file.empty()) {
+    auto pin = read_secret_file(h.pin_file);
+    if (pin.empty()) throw ConfigError("config: hsm.pin_file: " + h.pin_file + " is empty");
+    return pin;
+  }
+  const char* v = std::getenv(h.pin_env.c_str());
+  if (!v || !*v) throw ConfigError("config: hsm.pin_env: environment variable " + h.pin_env + " is not set");
+  return hsm::SecretString(v);
+}
+
+}  // namespace p11kms::app

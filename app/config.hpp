@@ -1,0 +1,48 @@
+// The YAML configuration (shape in DESIGN.md). Every key has a default; an unknown key, or a
+// value for a feature this release does not have, is an error naming the key (exit 2).
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "api/api_service.hpp"
+#include "hsm/secret.hpp"
+#include "policy/token_auth.hpp"
+
+namespace p11kms::app {
+
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct Config {
+  std::string listen_address = "127.0.0.1:8200";
+  struct Hsm {
+    std::string module = "/usr/lib/softhsm/libsofthsm2.so";
+    std::string token_label = "p11kms";
+    std::string pin_file;  // absolute after loading
+    std::string pin_env;
+    size_t sessions = 8;
+  } hsm;
+  struct Store {
+    std::string driver = "sqlite";
+    std::string path = "p11kms.db";  // absolute after loading
+  } store;
+  std::vector<policy::TokenEntry> tokens;
+  api::ApiLimits limits;
+  size_t max_key_name_length = 128;
+  int read_timeout_s = 30;
+  size_t http_threads = 40;
+};
+
+Config load_config_file(const std::string& path);
+Config parse_config(const std::string& yaml_text, const std::string& base_dir);
+
+// Reads the user PIN from hsm.pin_file or hsm.pin_env; ConfigError naming the source if absent.
+hsm::SecretString read_pin(const Config::Hsm& hsm);
+// A secret file's content with one trailing newline stripped.
+hsm::SecretString read_secret_file(const std::string& path);
+
+}  // namespace p11kms::app

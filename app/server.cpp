@@ -1,0 +1,90 @@
+#include "app/server.hpp"
+
+#include <signal.h>
+
+#include <cstdio>
+#include <iostream>
+
+#include "api/api_service.hpp"
+#include "common/log.hpp"
+#include "hsm/token.hpp"
+#include "keys/key_service.hpp"
+#include "store/metadata_store.hpp"
+
+namespace p11kms::app {
+
+int run_server(const Config& config, const std::string& banner) {
+  // Block the signals before any thread starts, so only sigwait below receives them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  std::unique_ptr<store::MetadataStore> store;
+  std::unique_ptr<hsm::SessionPool> pool;
+  try {
+    store = store::open_sqlite_store(config.store.path);
+    hsm::PoolConfig pc;
+    pc.module = config.hsm.module;
+    pc.token_label = config.hsm.token_label;
+    pc.user_pin = read_pin(config.hsm);
+    pc.sessions = config.hsm.sessions;
+    pool = std::make_unique<hsm::SessionPool>(std::move(pc));
+  } catch (const ConfigError&) {
+    throw;
+  } catch (const std::exception& e) {
+    std::cerr << "p11kms: cannot start: " << e.what() << std::endl;
+    return 1;
+  }
+  hsm::Token token(*pool);
+  keys::ServiceLimits kl;
+  kl.max_key_name_length = config.max_key_name_length;
+  keys::KeyService keys(*store, token, kl);
+  try {
+    auto report = keys.sweep();
+    log::info("start-up sweep: " + std::to_string(report.intents_settled) + " intents settled, " +
+              std::to_string(report.orphans_destroyed) + " orphan objects destroyed, " +
+              std::to_string(report.missing.size()) + " versions missing their object, " +
+              std::to_string(report.unknown_objects) + " unknown objects");
+  } catch (const std::exception& e) {
+    std::cerr << "p11kms: start-up sweep failed: " << e.what() << std::endl;
+    return 1;
+  }
+
+  policy::TokenAuthenticator auth(config.tokens);
+  api::ApiService service(keys, auth, config.limits, P11KMS_VERSION);
+  api::http::ServerOptions so;
+  so.address = config.listen_address;
+  so.max_body_bytes = config.limits.max_body_bytes;
+  so.max_header_bytes = config.limits.max_header_bytes;
+  so.read_timeout_s = config.read_timeout_s;
+  so.threads = config.http_threads;
+  std::unique_ptr<api::http::Server> server;
+  try {
+    server = api::http::start_server(so, [&service](const api::http::Request& r) { return service.handle(r); });
+  } catch (const std::exception& e) {
+    std::cerr << "p11kms: " << e.what() << std::endl;
+    return 1;
+  }
+  std::cout << banner << "==> p11kms server started! Log data will stream in below:" << std::endl;
+  log::info("listening on " + config.listen_address + " (token '" + config.hsm.token_label + "', store " +
+            config.store.path + ")");
+
+  for (;;) {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    if (sig == SIGHUP) {
+      log::info("SIGHUP received; configuration reload is not available in this release");
+      continue;
+    }
+    log::info(std::string("shutting down on ") + (sig == SIGINT ? "SIGINT" : "SIGTERM"));
+    break;
+  }
+  server->stop();
+  return 0;
+}
+
+}  // namespace p11kms::app

@@ -1,0 +1,190 @@
+#include "hsm/session_pool.hpp"
+
+#include "common/log.hpp"
+
+namespace p11kms::hsm {
+namespace {
+constexpr std::chrono::milliseconds kMinBackoff{100};
+constexpr std::chrono::milliseconds kMaxBackoff{5000};
+}  // namespace
+
+SessionPool::SessionPool(PoolConfig config) : config_(std::move(config)) {
+  if (config_.sessions == 0) config_.sessions = 1;
+  module_ = std::make_unique<Module>(config_.module);
+  connect();
+  std::lock_guard<std::mutex> lk(mu_);
+  free_ = opened_;
+  connected_ = true;
+  generation_ = 1;
+}
+
+SessionPool::~SessionPool() {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (connected_) {
+    for (auto s : opened_) module_->fn()->C_CloseSession(s);
+  }
+  module_->finalize();
+}
+
+void SessionPool::connect() {
+  // Called with no lease outstanding: finalizing drops every old session and handle.
+  module_->finalize();
+  module_->initialize();
+  auto token = module_->find_token(config_.token_label);
+  if (!token) {
+    module_->finalize();
+    throw TokenUnavailable("no initialized token labelled '" + config_.token_label + "' in " + module_->path());
+  }
+  auto* fn = module_->fn();
+  std::vector<CK_SESSION_HANDLE> sessions;
+  auto close_all = [&] {
+    for (auto s : sessions) fn->C_CloseSession(s);
+    module_->finalize();
+  };
+  for (size_t i = 0; i < config_.sessions; ++i) {
+    CK_SESSION_HANDLE s = 0;
+    CK_RV rv = fn->C_OpenSession(token->slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s);
+    if (rv != CKR_OK) {
+      close_all();
+      throw TokenUnavailable(std::string("cannot open a session on token '") + config_.token_label +
+                             "': " + rv_name(rv));
+    }
+    sessions.push_back(s);
+  }
+  const std::string& pin = config_.user_pin.reveal();
+  CK_RV rv = fn->C_Login(sessions.front(), CKU_USER,
+                         reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>(pin.data())), pin.size());
+  if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
+    close_all();
+    if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED || rv == CKR_PIN_LEN_RANGE)
+      throw std::runtime_error("token '" + config_.token_label + "' refused the user PIN: " + rv_name(rv));
+    throw TokenUnavailable("cannot log in to token '" + config_.token_label + "': " + rv_name(rv));
+  }
+  std::set<CK_MECHANISM_TYPE> mechs;
+  try {
+    mechs = module_->mechanisms(token->slot);
+  } catch (const Pkcs11Error& e) {
+    close_all();
+    throw TokenUnavailable(std::string("cannot read the mechanism list: ") + e.what());
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  opened_ = std::move(sessions);
+  slot_ = token->slot;
+  if (mechanisms_.empty()) mechanisms_ = std::move(mechs);
+}
+
+SessionPool::Lease SessionPool::lease() {
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    if (!connected_) {
+      if (!reconnecting_ && in_use_ == 0 && std::chrono::steady_clock::now() >= next_attempt_) {
+        try_reconnect(lk);
+        continue;
+      }
+      throw TokenUnavailable("HSM token '" + config_.token_label + "' is unavailable (" + last_error_ +
+                             "); reconnecting");
+    }
+    if (!free_.empty()) {
+      CK_SESSION_HANDLE s = free_.back();
+      free_.pop_back();
+      ++in_use_;
+      return Lease(this, s, generation_);
+    }
+    cv_.wait(lk, [&] { return !connected_ || !free_.empty(); });
+  }
+}
+
+void SessionPool::try_reconnect(std::unique_lock<std::mutex>& lk) {
+  reconnecting_ = true;
+  lk.unlock();
+  std::string error;
+  try {
+    connect();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  lk.lock();
+  reconnecting_ = false;
+  if (error.empty()) {
+    free_ = opened_;
+    connected_ = true;
+    ++generation_;
+    backoff_ = kMinBackoff;
+    last_error_.clear();
+    log::info("hsm: reconnected to token '" + config_.token_label + "'");
+  } else {
+    last_error_ = error;
+    next_attempt_ = std::chrono::steady_clock::now() + backoff_;
+    backoff_ = std::min(backoff_ * 2, kMaxBackoff);
+    log::warn("hsm: reconnect failed: " + error);
+  }
+  cv_.notify_all();
+}
+
+void SessionPool::release(CK_SESSION_HANDLE s, uint64_t gen, bool broken) {
+  std::lock_guard<std::mutex> lk(mu_);
+  --in_use_;
+  if (connected_ && gen == generation_ && !broken) free_.push_back(s);
+  cv_.notify_all();
+}
+
+void SessionPool::mark_broken(uint64_t gen, const std::string& why) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (!connected_ || gen != generation_) return;
+  connected_ = false;
+  free_.clear();
+  last_error_ = why;
+  next_attempt_ = std::chrono::steady_clock::now();
+  backoff_ = kMinBackoff;
+  log::error("hsm: token '" + config_.token_label + "' connection lost: " + why);
+  cv_.notify_all();
+}
+
+PoolStatus SessionPool::probe() {
+  try {
+    Lease l = lease();
+    CK_SESSION_INFO info{};
+    l.check(l.fn()->C_GetSessionInfo(l.session(), &info), "C_GetSessionInfo");
+  } catch (const std::exception&) {
+    // status() below reports the failure.
+  }
+  return status();
+}
+
+PoolStatus SessionPool::status() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return PoolStatus{config_.token_label, connected_, config_.sessions, in_use_, last_error_};
+}
+
+uint64_t SessionPool::generation() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return generation_;
+}
+
+CK_SLOT_ID SessionPool::slot() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return slot_;
+}
+
+SessionPool::Lease::Lease(Lease&& o) noexcept
+    : pool_(o.pool_), session_(o.session_), generation_(o.generation_), broken_(o.broken_) {
+  o.pool_ = nullptr;
+}
+
+SessionPool::Lease::~Lease() {
+  if (pool_) pool_->release(session_, generation_, broken_);
+}
+
+void SessionPool::Lease::check(CK_RV rv, const char* function) {
+  if (rv == CKR_OK) return;
+  if (is_connection_failure(rv)) {
+    broken_ = true;
+    std::string why = std::string(function) + ": " + rv_name(rv);
+    pool_->mark_broken(generation_, why);
+    throw TokenUnavailable("HSM token '" + pool_->config_.token_label + "' is unavailable (" + why +
+                           "); reconnecting");
+  }
+  throw Pkcs11Error(function, rv);
+}
+
+}  // namespace p11kms::hsm

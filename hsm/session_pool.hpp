@@ -1,0 +1,106 @@
+// A fixed pool of logged-in R/W sessions on one token, leased per operation by an RAII guard.
+//
+// One C_Login covers every session of the process, and closing the last session logs the
+// process out, so the pool keeps its sessions open for the process's life. A connection-class
+// failure (session/token/module gone) marks the pool disconnected: leases then fail fast with
+// TokenUnavailable, and the next lease after the backoff re-initializes the module, finds the
+// token by label again (slot ids change) and logs in, so the service recovers by itself.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "hsm/errors.hpp"
+#include "hsm/module.hpp"
+#include "hsm/secret.hpp"
+
+namespace p11kms::hsm {
+
+struct PoolConfig {
+  std::string module = "/usr/lib/softhsm/libsofthsm2.so";
+  std::string token_label;
+  SecretString user_pin;
+  size_t sessions = 8;
+};
+
+struct PoolStatus {
+  std::string token_label;
+  bool reachable = false;
+  size_t sessions_total = 0;
+  size_t sessions_in_use = 0;
+  std::string last_error;  // why the token is unreachable; empty when reachable
+};
+
+class SessionPool {
+ public:
+  // Loads the module and connects; throws (with a clear message) if that fails at start.
+  explicit SessionPool(PoolConfig config);
+  ~SessionPool();
+  SessionPool(const SessionPool&) = delete;
+  SessionPool& operator=(const SessionPool&) = delete;
+
+  class Lease {
+   public:
+    Lease(Lease&& o) noexcept;
+    Lease& operator=(Lease&&) = delete;
+    ~Lease();
+    CK_FUNCTION_LIST* fn() const { return pool_->module_->fn(); }
+    CK_SESSION_HANDLE session() const { return session_; }
+    uint64_t generation() const { return generation_; }
+    // Throws for rv != CKR_OK: TokenUnavailable (and the pool reconnects) for connection-class
+    // failures, Pkcs11Error otherwise.
+    void check(CK_RV rv, const char* function);
+
+   private:
+    friend class SessionPool;
+    Lease(SessionPool* pool, CK_SESSION_HANDLE s, uint64_t gen) : pool_(pool), session_(s), generation_(gen) {}
+    SessionPool* pool_;
+    CK_SESSION_HANDLE session_;
+    uint64_t generation_;
+    bool broken_ = false;
+  };
+
+  // Waits for a free session; throws TokenUnavailable while the token cannot be reached.
+  Lease lease();
+
+  // Asks the token whether it answers (one C_GetSessionInfo), reconnecting when due.
+  PoolStatus probe();
+  PoolStatus status();
+
+  // Bumped on every reconnect: object handles from an older generation are invalid.
+  uint64_t generation();
+  const std::set<CK_MECHANISM_TYPE>& mechanisms() const { return mechanisms_; }
+  const std::string& token_label() const { return config_.token_label; }
+  CK_SLOT_ID slot();
+
+ private:
+  void connect();  // module init, find token, open sessions, login; mu_ NOT held
+  void release(CK_SESSION_HANDLE s, uint64_t gen, bool broken);
+  void mark_broken(uint64_t gen, const std::string& why);
+  void try_reconnect(std::unique_lock<std::mutex>& lk);
+
+  PoolConfig config_;
+  std::unique_ptr<Module> module_;
+  std::set<CK_MECHANISM_TYPE> mechanisms_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<CK_SESSION_HANDLE> free_;
+  std::vector<CK_SESSION_HANDLE> opened_;  // filled by connect()
+  CK_SLOT_ID slot_ = 0;
+  size_t in_use_ = 0;
+  bool connected_ = false;
+  bool reconnecting_ = false;
+  uint64_t generation_ = 0;
+  std::string last_error_;
+  std::chrono::steady_clock::time_point next_attempt_{};
+  std::chrono::milliseconds backoff_{100};
+};
+
+}  // namespace p11kms::hsm

@@ -1,0 +1,205 @@
+#include "hsm/token.hpp"
+
+#include "common/encoding.hpp"
+#include "hsm/attributes.hpp"
+
+namespace p11kms::hsm {
+namespace {
+
+std::string cache_key(const ObjectId& id) { return std::string(id.begin(), id.end()); }
+
+bool is_stale_handle(CK_RV rv) { return rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID; }
+
+class FindGuard {  // C_FindObjectsFinal on every path out
+ public:
+  explicit FindGuard(SessionPool::Lease& l) : l_(l) {}
+  ~FindGuard() { l_.fn()->C_FindObjectsFinal(l_.session()); }
+ private:
+  SessionPool::Lease& l_;
+};
+
+std::vector<CK_OBJECT_HANDLE> find_all(SessionPool::Lease& l, AttributeTemplate& t, size_t max = SIZE_MAX) {
+  l.check(l.fn()->C_FindObjectsInit(l.session(), t.data(), t.size()), "C_FindObjectsInit");
+  FindGuard guard(l);
+  std::vector<CK_OBJECT_HANDLE> out;
+  CK_OBJECT_HANDLE batch[64];
+  while (out.size() < max) {
+    CK_ULONG n = 0;
+    l.check(l.fn()->C_FindObjects(l.session(), batch, 64, &n), "C_FindObjects");
+    if (n == 0) break;
+    out.insert(out.end(), batch, batch + n);
+  }
+  return out;
+}
+
+}  // namespace
+
+Bytes Token::random(size_t n) {
+  Bytes out(n);
+  if (n == 0) return out;
+  auto l = pool_.lease();
+  l.check(l.fn()->C_GenerateRandom(l.session(), out.data(), out.size()), "C_GenerateRandom");
+  return out;
+}
+
+SecureBytes Token::random_secret(size_t n) {
+  SecureBytes out(n);
+  if (n == 0) return out;
+  auto l = pool_.lease();
+  l.check(l.fn()->C_GenerateRandom(l.session(), out.data(), out.size()), "C_GenerateRandom");
+  return out;
+}
+
+void Token::generate_aes_key(const ObjectId& id, size_t bytes, const std::string& label) {
+  AttributeTemplate t;
+  t.set_ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .set_ulong(CKA_KEY_TYPE, CKK_AES)
+      .set_ulong(CKA_VALUE_LEN, bytes)
+      .set(CKA_TOKEN, true)
+      .set(CKA_PRIVATE, true)
+      .set(CKA_SENSITIVE, true)
+      .set(CKA_EXTRACTABLE, false)
+      .set(CKA_MODIFIABLE, false)
+      .set(CKA_ENCRYPT, true)
+      .set(CKA_DECRYPT, true)
+      .set(CKA_WRAP, false)
+      .set(CKA_UNWRAP, false)
+      .set(CKA_SIGN, false)
+      .set(CKA_VERIFY, false)
+      .set(CKA_DERIVE, false)
+      .set_bytes(CKA_ID, id)
+      .set_string(CKA_LABEL, label);
+  CK_MECHANISM mech{CKM_AES_KEY_GEN, nullptr, 0};
+  auto l = pool_.lease();
+  CK_OBJECT_HANDLE h = 0;
+  l.check(l.fn()->C_GenerateKey(l.session(), &mech, t.data(), t.size(), &h), "C_GenerateKey");
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  if (cache_generation_ == l.generation()) cache_[cache_key(id)] = h;
+}
+
+std::optional<CK_OBJECT_HANDLE> Token::find(SessionPool::Lease& l, const ObjectId& id) {
+  {
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    if (cache_generation_ != l.generation()) {
+      cache_.clear();
+      cache_generation_ = l.generation();
+    }
+    auto it = cache_.find(cache_key(id));
+    if (it != cache_.end()) return it->second;
+  }
+  AttributeTemplate t;
+  t.set_bytes(CKA_ID, id).set(CKA_TOKEN, true);
+  auto found = find_all(l, t, 1);
+  if (found.empty()) return std::nullopt;
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  if (cache_generation_ == l.generation()) cache_[cache_key(id)] = found.front();
+  return found.front();
+}
+
+CK_OBJECT_HANDLE Token::handle(SessionPool::Lease& l, const ObjectId& id) {
+  auto h = find(l, id);
+  if (!h) throw ObjectMissing("token object " + encoding::hex_encode(id) + " is missing from the token");
+  return *h;
+}
+
+void Token::forget(const ObjectId& id) {
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  cache_.erase(cache_key(id));
+}
+
+Bytes Token::aes_gcm_encrypt(const ObjectId& key, const Bytes& iv, const Bytes& aad,
+                             const uint8_t* plaintext, size_t len) {
+  CK_GCM_PARAMS params{const_cast<uint8_t*>(iv.data()), iv.size(), iv.size() * 8,
+                       const_cast<uint8_t*>(aad.data()), aad.size(), 128};
+  CK_MECHANISM mech{CKM_AES_GCM, &params, sizeof params};
+  auto l = pool_.lease();
+  for (int attempt = 0;; ++attempt) {
+    CK_OBJECT_HANDLE h = handle(l, key);
+    CK_RV rv = l.fn()->C_EncryptInit(l.session(), &mech, h);
+    if (is_stale_handle(rv) && attempt == 0) {  // destroyed and re-found by another process
+      forget(key);
+      continue;
+    }
+    l.check(rv, "C_EncryptInit");
+    Bytes out(len + 16);
+    CK_ULONG out_len = out.size();
+    l.check(l.fn()->C_Encrypt(l.session(), const_cast<uint8_t*>(plaintext), len, out.data(), &out_len),
+            "C_Encrypt");
+    out.resize(out_len);
+    return out;
+  }
+}
+
+std::optional<SecureBytes> Token::aes_gcm_decrypt(const ObjectId& key, const Bytes& iv, const Bytes& aad,
+                                                  const uint8_t* ciphertext, size_t len) {
+  if (len < 16) return std::nullopt;
+  CK_GCM_PARAMS params{const_cast<uint8_t*>(iv.data()), iv.size(), iv.size() * 8,
+                       const_cast<uint8_t*>(aad.data()), aad.size(), 128};
+  CK_MECHANISM mech{CKM_AES_GCM, &params, sizeof params};
+  auto l = pool_.lease();
+  for (int attempt = 0;; ++attempt) {
+    CK_OBJECT_HANDLE h = handle(l, key);
+    CK_RV rv = l.fn()->C_DecryptInit(l.session(), &mech, h);
+    if (is_stale_handle(rv) && attempt == 0) {
+      forget(key);
+      continue;
+    }
+    l.check(rv, "C_DecryptInit");
+    SecureBytes out(len);
+    CK_ULONG out_len = out.size();
+    rv = l.fn()->C_Decrypt(l.session(), const_cast<uint8_t*>(ciphertext), len, out.data(), &out_len);
+    // A failed tag check ends the operation; these codes are how modules report it.
+    if (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE || rv == CKR_DATA_INVALID ||
+        rv == CKR_FUNCTION_FAILED || rv == CKR_GENERAL_ERROR)
+      return std::nullopt;
+    l.check(rv, "C_Decrypt");
+    out.shrink(out_len);
+    return out;
+  }
+}
+
+bool Token::destroy(const ObjectId& id) {
+  auto l = pool_.lease();
+  forget(id);
+  AttributeTemplate t;
+  t.set_bytes(CKA_ID, id);
+  bool destroyed = false;
+  for (CK_OBJECT_HANDLE h : find_all(l, t)) {
+    CK_RV rv = l.fn()->C_DestroyObject(l.session(), h);
+    if (rv == CKR_OBJECT_HANDLE_INVALID) continue;
+    l.check(rv, "C_DestroyObject");
+    destroyed = true;
+  }
+  return destroyed;
+}
+
+bool Token::exists(const ObjectId& id) {
+  auto l = pool_.lease();
+  forget(id);
+  return find(l, id).has_value();
+}
+
+std::vector<ObjectInfo> Token::list_key_objects() {
+  auto l = pool_.lease();
+  std::vector<ObjectInfo> out;
+  for (CK_OBJECT_CLASS cls : {CKO_SECRET_KEY, CKO_PRIVATE_KEY}) {
+    AttributeTemplate t;
+    t.set_ulong(CKA_CLASS, cls).set(CKA_TOKEN, true);
+    for (CK_OBJECT_HANDLE h : find_all(l, t)) {
+      CK_ATTRIBUTE attrs[2] = {{CKA_ID, nullptr, 0}, {CKA_LABEL, nullptr, 0}};
+      if (l.fn()->C_GetAttributeValue(l.session(), h, attrs, 2) != CKR_OK) continue;
+      ObjectInfo info;
+      info.object_class = cls;
+      info.id.resize(attrs[0].ulValueLen);
+      std::string label(attrs[1].ulValueLen, '\0');
+      attrs[0].pValue = info.id.data();
+      attrs[1].pValue = label.data();
+      if (l.fn()->C_GetAttributeValue(l.session(), h, attrs, 2) != CKR_OK) continue;
+      info.label = label;
+      out.push_back(std::move(info));
+    }
+  }
+  return out;
+}
+
+}  // namespace p11kms::hsm

@@ -1,0 +1,43 @@
+// The one error type of the service core: a kind (which each dialect maps to its HTTP status
+// and shape), a stable code and a message for the client. Messages name the field or key at
+// fault and never carry key material, PINs or tokens.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace p11kms::keys {
+
+enum class ErrorKind {
+  invalid_argument,  // 400
+  not_found,         // 404
+  conflict,          // 409
+  forbidden,         // 403
+  payload_too_large, // 413
+  unavailable,       // 503: the token (or store) cannot serve right now
+  internal,          // 500
+};
+
+class KeyError : public std::runtime_error {
+ public:
+  KeyError(ErrorKind kind, std::string code, const std::string& message)
+      : std::runtime_error(message), kind_(kind), code_(std::move(code)) {}
+  ErrorKind kind() const { return kind_; }
+  const std::string& code() const { return code_; }
+
+ private:
+  ErrorKind kind_;
+  std::string code_;
+};
+
+inline KeyError invalid(const std::string& message, std::string code = "invalid_argument") {
+  return KeyError(ErrorKind::invalid_argument, std::move(code), message);
+}
+inline KeyError not_found(const std::string& message) {
+  return KeyError(ErrorKind::not_found, "not_found", message);
+}
+inline KeyError unavailable(const std::string& message) {
+  return KeyError(ErrorKind::unavailable, "unavailable", message);
+}
+
+}  // namespace p11kms::keys

@@ -1,0 +1,71 @@
+#include "keys/key.hpp"
+
+namespace p11kms::keys {
+
+KeyType Key::type() const {
+  auto t = parse_key_type(r_.type);
+  if (!t) throw KeyError(ErrorKind::internal, "internal", "key \"" + r_.name + "\" has an unknown type in the store");
+  return *t;
+}
+
+const store::VersionRecord& Key::encryption_version(int requested) const {
+  int latest = latest_version();
+  int version = requested;
+  if (version == 0) version = latest;
+  if (version < 0) throw invalid("key_version must not be negative");
+  if (version > latest) throw invalid("requested key_version " + std::to_string(version) +
+                                      " for encryption is higher than the latest key version " +
+                                      std::to_string(latest));
+  if (r_.min_encryption_version > 0 && version < r_.min_encryption_version)
+    throw invalid("requested key_version " + std::to_string(version) +
+                  " for encryption is less than the minimum encryption key version " +
+                  std::to_string(r_.min_encryption_version));
+  auto it = r_.versions.find(version);
+  if (it == r_.versions.end()) throw invalid("key version " + std::to_string(version) + " does not exist");
+  return it->second;
+}
+
+const store::VersionRecord& Key::decryption_version(int version) const {
+  if (version > latest_version()) throw invalid("invalid ciphertext: version is too new");
+  if (version < r_.min_decryption_version)
+    throw invalid("ciphertext or signature version is disallowed by policy (too old): version " +
+                  std::to_string(version) + " is below min_decryption_version " +
+                  std::to_string(r_.min_decryption_version));
+  auto it = r_.versions.find(version);
+  if (it == r_.versions.end()) throw invalid("invalid ciphertext: key version " + std::to_string(version) + " does not exist");
+  return it->second;
+}
+
+store::KeyRecord Key::with_config(const KeyConfigChange& c) const {
+  store::KeyRecord next = r_;
+  int latest = latest_version();
+  if (c.min_decryption_version) {
+    int v = *c.min_decryption_version;
+    if (v < 0) throw invalid("min_decryption_version cannot be negative");
+    if (v == 0) v = 1;  // as Vault: versions start at 1
+    if (v > latest)
+      throw invalid("cannot set min_decryption_version to " + std::to_string(v) +
+                    ": the latest key version is " + std::to_string(latest));
+    next.min_decryption_version = v;
+  }
+  if (c.min_encryption_version) {
+    int v = *c.min_encryption_version;
+    if (v < 0) throw invalid("min_encryption_version cannot be negative");
+    if (v > latest)
+      throw invalid("cannot set min_encryption_version to " + std::to_string(v) +
+                    ": the latest key version is " + std::to_string(latest));
+    next.min_encryption_version = v;
+  }
+  if (next.min_encryption_version > 0 && next.min_encryption_version < next.min_decryption_version)
+    throw invalid("min_encryption_version (" + std::to_string(next.min_encryption_version) +
+                  ") must not be less than min_decryption_version (" +
+                  std::to_string(next.min_decryption_version) + ")");
+  if (c.deletion_allowed) next.deletion_allowed = *c.deletion_allowed;
+  return next;
+}
+
+std::string Key::label_for(int version) const {
+  return "p11kms/" + r_.ns + "/" + r_.name + "/v" + std::to_string(version);
+}
+
+}  // namespace p11kms::keys

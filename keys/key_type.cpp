@@ -1,0 +1,19 @@
+#include "keys/key_type.hpp"
+
+namespace p11kms::keys {
+
+std::optional<KeyType> parse_key_type(const std::string& name) {
+  if (name == "aes256-gcm96") return KeyType::aes256_gcm96;
+  if (name == "aes128-gcm96") return KeyType::aes128_gcm96;
+  return std::nullopt;
+}
+
+const char* key_type_name(KeyType type) {
+  return type == KeyType::aes128_gcm96 ? "aes128-gcm96" : "aes256-gcm96";
+}
+
+size_t key_type_bytes(KeyType type) { return type == KeyType::aes128_gcm96 ? 16 : 32; }
+
+std::string supported_key_types() { return "aes128-gcm96, aes256-gcm96"; }
+
+}  // namespace p11kms::keys

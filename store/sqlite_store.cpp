@@ -1,0 +1,592 @@
+// SQLite implementation of MetadataStore: one connection in WAL mode, guarded by a mutex, with
+// cached prepared statements and versioned schema migrations.
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <ctime>
+#include <iterator>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "store/metadata_store.hpp"
+
+namespace p11kms::store {
+namespace {
+
+// Ordered schema migrations: entry i is schema version i + 1. Never edit an entry once it has
+// shipped; append a new one instead. Each runs in its own transaction together with its
+// schema_migrations row.
+const char* const kMigrations[] = {
+    // 1: initial schema.
+    R"sql(
+CREATE TABLE keys (
+  id                     INTEGER PRIMARY KEY,
+  ns                     TEXT    NOT NULL,
+  name                   TEXT    NOT NULL,
+  type                   TEXT    NOT NULL,
+  created_at             INTEGER NOT NULL,
+  min_decryption_version INTEGER NOT NULL,
+  min_encryption_version INTEGER NOT NULL,
+  deletion_allowed       INTEGER NOT NULL,
+  exportable             INTEGER NOT NULL,
+  generation             INTEGER NOT NULL,
+  UNIQUE (ns, name)
+);
+CREATE TABLE key_versions (
+  key_id     INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+  version    INTEGER NOT NULL CHECK (version >= 1),
+  object_id  TEXT    NOT NULL UNIQUE,
+  created_at INTEGER NOT NULL,
+  PRIMARY KEY (key_id, version)
+) WITHOUT ROWID;
+CREATE TABLE intents (
+  object_id  TEXT    PRIMARY KEY,
+  label      TEXT    NOT NULL,
+  created_at INTEGER NOT NULL
+);
+CREATE TABLE settings (
+  name  TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
+-- Internal counters. 'max_deleted_generation' is the highest generation any deleted key had;
+-- a newly created key starts above it, so a key deleted and created again under the same name
+-- never reuses a generation a cache may still hold.
+CREATE TABLE counters (
+  name  TEXT    PRIMARY KEY,
+  value INTEGER NOT NULL
+);
+INSERT INTO counters (name, value) VALUES ('max_deleted_generation', 0);
+)sql",
+};
+
+constexpr int kLatestSchemaVersion = static_cast<int>(std::size(kMigrations));
+
+int64_t now_unix() { return static_cast<int64_t>(std::time(nullptr)); }
+
+[[noreturn]] void throw_sqlite(sqlite3* db, const std::string& what) {
+  std::string msg = "sqlite metadata store: " + what + " failed";
+  if (db != nullptr) {
+    msg += ": ";
+    msg += sqlite3_errmsg(db);
+    msg += " (code " + std::to_string(sqlite3_extended_errcode(db)) + ")";
+  }
+  throw StoreError(msg);
+}
+
+struct StmtFinalizer {
+  void operator()(sqlite3_stmt* s) const { sqlite3_finalize(s); }
+};
+using StmtPtr = std::unique_ptr<sqlite3_stmt, StmtFinalizer>;
+
+// A borrowed, cached prepared statement. Binds, steps and reads columns; resets itself and
+// clears its bindings when it goes out of scope so the cache can hand it out again.
+class Statement {
+ public:
+  Statement(sqlite3* db, sqlite3_stmt* stmt, const char* what) : db_(db), stmt_(stmt), what_(what) {}
+  Statement(const Statement&) = delete;
+  Statement& operator=(const Statement&) = delete;
+  ~Statement() {
+    sqlite3_reset(stmt_);
+    sqlite3_clear_bindings(stmt_);
+  }
+
+  Statement& bind(int index, int64_t value) {
+    check_bind(sqlite3_bind_int64(stmt_, index, value));
+    return *this;
+  }
+  Statement& bind(int index, int value) { return bind(index, static_cast<int64_t>(value)); }
+  Statement& bind(int index, bool value) { return bind(index, static_cast<int64_t>(value ? 1 : 0)); }
+  Statement& bind(int index, const std::string& value) {
+    check_bind(sqlite3_bind_text(stmt_, index, value.data(), static_cast<int>(value.size()),
+                                 SQLITE_TRANSIENT));
+    return *this;
+  }
+
+  // Advances one step: true when a row is available, false when the statement is done.
+  bool step() {
+    int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    throw_sqlite(db_, what_);
+  }
+  // Runs a statement that returns no rows.
+  void run() {
+    while (step()) {
+    }
+  }
+
+  bool is_null(int col) const { return sqlite3_column_type(stmt_, col) == SQLITE_NULL; }
+  int64_t int64(int col) const { return sqlite3_column_int64(stmt_, col); }
+  int int32(int col) const { return static_cast<int>(sqlite3_column_int64(stmt_, col)); }
+  bool boolean(int col) const { return sqlite3_column_int64(stmt_, col) != 0; }
+  std::string text(int col) const {
+    const unsigned char* p = sqlite3_column_text(stmt_, col);
+    if (p == nullptr) return {};
+    return std::string(reinterpret_cast<const char*>(p),
+                       static_cast<size_t>(sqlite3_column_bytes(stmt_, col)));
+  }
+
+ private:
+  void check_bind(int rc) {
+    if (rc != SQLITE_OK) throw_sqlite(db_, std::string("bind parameter for ") + what_);
+  }
+
+  sqlite3* db_;
+  sqlite3_stmt* stmt_;
+  const char* what_;
+};
+
+// Owns the sqlite3 handle and the prepared-statement cache. Not thread-safe by itself: the
+// store serializes every use behind its mutex.
+class Connection {
+ public:
+  explicit Connection(const std::string& path) {
+    if (sqlite3_threadsafe() == 0) {
+      throw StoreError("sqlite metadata store: libsqlite3 was built without thread support");
+    }
+    int rc = sqlite3_open_v2(path.c_str(), &db_,
+                             SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                             nullptr);
+    if (rc != SQLITE_OK) {
+      std::string msg = "sqlite metadata store: cannot open database '" + path + "': ";
+      msg += db_ != nullptr ? sqlite3_errmsg(db_) : sqlite3_errstr(rc);
+      sqlite3_close(db_);
+      db_ = nullptr;
+      throw StoreError(msg);
+    }
+    sqlite3_extended_result_codes(db_, 1);
+  }
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+  ~Connection() {
+    cache_.clear();  // statements must be finalized before the handle is closed
+    sqlite3_close(db_);
+  }
+
+  sqlite3* handle() const { return db_; }
+
+  // Returns the cached statement for sql, preparing it on first use. `what` names the
+  // operation in error messages; both must be string literals (they are kept by pointer).
+  Statement prepare(const char* sql, const char* what) {
+    auto it = cache_.find(sql);
+    if (it == cache_.end()) {
+      sqlite3_stmt* raw = nullptr;
+      if (sqlite3_prepare_v3(db_, sql, -1, SQLITE_PREPARE_PERSISTENT, &raw, nullptr) !=
+          SQLITE_OK) {
+        sqlite3_finalize(raw);
+        throw_sqlite(db_, std::string("prepare statement for ") + what);
+      }
+      it = cache_.emplace(sql, StmtPtr(raw)).first;
+    }
+    return Statement(db_, it->second.get(), what);
+  }
+
+  // Runs one or more SQL statements that return no rows we need (uncached).
+  void exec(const char* sql, const std::string& what) {
+    if (sqlite3_exec(db_, sql, nullptr, nullptr, nullptr) != SQLITE_OK) throw_sqlite(db_, what);
+  }
+
+ private:
+  sqlite3* db_ = nullptr;
+  std::unordered_map<const char*, StmtPtr> cache_;
+};
+
+// BEGIN IMMEDIATE on construction (takes the write lock up front, honouring the busy
+// timeout); ROLLBACK on destruction unless commit() succeeded.
+class Transaction {
+ public:
+  explicit Transaction(Connection& conn) : conn_(conn) {
+    conn_.exec("BEGIN IMMEDIATE", "begin transaction");
+  }
+  Transaction(const Transaction&) = delete;
+  Transaction& operator=(const Transaction&) = delete;
+  ~Transaction() {
+    // Some errors (I/O, full disk, busy on commit) already end the transaction.
+    if (!committed_ && sqlite3_get_autocommit(conn_.handle()) == 0) {
+      sqlite3_exec(conn_.handle(), "ROLLBACK", nullptr, nullptr, nullptr);
+    }
+  }
+  void commit() {
+    conn_.exec("COMMIT", "commit transaction");
+    committed_ = true;
+  }
+
+ private:
+  Connection& conn_;
+  bool committed_ = false;
+};
+
+std::string version_label(const std::string& ns, const std::string& name, int version) {
+  return "p11kms/" + ns + "/" + name + "/v" + std::to_string(version);
+}
+
+class SqliteStore final : public MetadataStore {
+ public:
+  explicit SqliteStore(const std::string& path) : path_(path), conn_(path) {
+    configure();
+    migrate();
+  }
+
+  std::optional<KeyRecord> get_key(const std::string& ns, const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    // One statement, so the key and its versions come from the same snapshot.
+    Statement q = conn_.prepare(
+        "SELECT k.type, k.created_at, k.min_decryption_version, k.min_encryption_version,"
+        "       k.deletion_allowed, k.exportable, k.generation,"
+        "       v.version, v.object_id, v.created_at"
+        "  FROM keys k LEFT JOIN key_versions v ON v.key_id = k.id"
+        " WHERE k.ns = ?1 AND k.name = ?2"
+        " ORDER BY v.version",
+        "read key");
+    q.bind(1, ns).bind(2, name);
+    std::optional<KeyRecord> key;
+    while (q.step()) {
+      if (!key) {
+        key.emplace();
+        key->ns = ns;
+        key->name = name;
+        key->type = q.text(0);
+        key->created_at = q.int64(1);
+        key->min_decryption_version = q.int32(2);
+        key->min_encryption_version = q.int32(3);
+        key->deletion_allowed = q.boolean(4);
+        key->exportable = q.boolean(5);
+        key->generation = q.int64(6);
+      }
+      if (q.is_null(7)) continue;  // key without versions
+      const int number = q.int32(7);
+      VersionRecord& v = key->versions[number];
+      v.version = number;
+      v.object_id = q.text(8);
+      v.created_at = q.int64(9);
+    }
+    return key;
+  }
+
+  std::vector<std::string> list_keys(const std::string& ns) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q =
+        conn_.prepare("SELECT name FROM keys WHERE ns = ?1 ORDER BY name", "list keys");
+    q.bind(1, ns);
+    std::vector<std::string> names;
+    while (q.step()) names.push_back(q.text(0));
+    return names;
+  }
+
+  void add_intent(const Intent& intent) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    insert_intent(intent);
+  }
+
+  void remove_intent(const std::string& object_id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    delete_intent(object_id);
+  }
+
+  std::vector<Intent> list_intents() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare(
+        "SELECT object_id, label, created_at FROM intents ORDER BY created_at, object_id",
+        "list intents");
+    std::vector<Intent> out;
+    while (q.step()) out.push_back(Intent{q.text(0), q.text(1), q.int64(2)});
+    return out;
+  }
+
+  void create_key(const KeyRecord& key) override {
+    for (const auto& [number, v] : key.versions) {
+      if (number != v.version) {
+        throw std::invalid_argument("create_key: versions map key " + std::to_string(number) +
+                                    " does not match VersionRecord::version " +
+                                    std::to_string(v.version));
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    if (find_key(key.ns, key.name)) {
+      throw ConflictError("key '" + key.name + "' already exists in namespace '" + key.ns + "'");
+    }
+    int64_t generation = std::max<int64_t>(key.generation, max_deleted_generation() + 1);
+    {
+      Statement q = conn_.prepare(
+          "INSERT INTO keys (ns, name, type, created_at, min_decryption_version,"
+          "                  min_encryption_version, deletion_allowed, exportable, generation)"
+          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+          "insert key");
+      q.bind(1, key.ns).bind(2, key.name).bind(3, key.type).bind(4, key.created_at);
+      q.bind(5, key.min_decryption_version).bind(6, key.min_encryption_version);
+      q.bind(7, key.deletion_allowed).bind(8, key.exportable).bind(9, generation);
+      q.run();
+    }
+    int64_t key_id = sqlite3_last_insert_rowid(conn_.handle());
+    for (const auto& entry : key.versions) {
+      insert_version(key_id, entry.second);
+      delete_intent(entry.second.object_id);
+    }
+    tx.commit();
+  }
+
+  void add_version(const std::string& ns, const std::string& name,
+                   const VersionRecord& version) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    std::optional<int64_t> key_id = find_key(ns, name);
+    if (!key_id) {
+      throw std::out_of_range("key '" + name + "' not found in namespace '" + ns + "'");
+    }
+    {
+      Statement q = conn_.prepare(
+          "SELECT 1 FROM key_versions WHERE key_id = ?1 AND version = ?2", "check version");
+      q.bind(1, *key_id).bind(2, version.version);
+      if (q.step()) {
+        throw ConflictError("version " + std::to_string(version.version) + " of key '" + name +
+                            "' in namespace '" + ns + "' already exists");
+      }
+    }
+    insert_version(*key_id, version);
+    delete_intent(version.object_id);
+    bump_generation(*key_id);
+    tx.commit();
+  }
+
+  void update_config(const KeyRecord& key) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    Statement q = conn_.prepare(
+        "UPDATE keys SET min_decryption_version = ?3, min_encryption_version = ?4,"
+        "                deletion_allowed = ?5, exportable = ?6, generation = generation + 1"
+        " WHERE ns = ?1 AND name = ?2",
+        "update key config");
+    q.bind(1, key.ns).bind(2, key.name).bind(3, key.min_decryption_version);
+    q.bind(4, key.min_encryption_version).bind(5, key.deletion_allowed).bind(6, key.exportable);
+    q.run();
+    if (sqlite3_changes(conn_.handle()) == 0) {
+      throw std::out_of_range("key '" + key.name + "' not found in namespace '" + key.ns + "'");
+    }
+    tx.commit();
+  }
+
+  std::vector<Intent> delete_key(const std::string& ns, const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    int64_t key_id = 0;
+    int64_t generation = 0;
+    {
+      Statement q = conn_.prepare("SELECT id, generation FROM keys WHERE ns = ?1 AND name = ?2",
+                                  "read key for delete");
+      q.bind(1, ns).bind(2, name);
+      if (!q.step()) {
+        throw std::out_of_range("key '" + name + "' not found in namespace '" + ns + "'");
+      }
+      key_id = q.int64(0);
+      generation = q.int64(1);
+    }
+    std::vector<Intent> intents;
+    {
+      Statement q = conn_.prepare(
+          "SELECT version, object_id FROM key_versions WHERE key_id = ?1 ORDER BY version",
+          "read versions for delete");
+      q.bind(1, key_id);
+      int64_t now = now_unix();
+      while (q.step()) intents.push_back(Intent{q.text(1), version_label(ns, name, q.int32(0)), now});
+    }
+    for (const Intent& intent : intents) insert_intent(intent);
+    {
+      Statement q = conn_.prepare("DELETE FROM keys WHERE id = ?1", "delete key");
+      q.bind(1, key_id);
+      q.run();  // versions go with it (ON DELETE CASCADE)
+    }
+    {
+      Statement q = conn_.prepare(
+          "UPDATE counters SET value = max(value, ?1) WHERE name = 'max_deleted_generation'",
+          "record deleted generation");
+      q.bind(1, generation);
+      q.run();
+    }
+    tx.commit();
+    return intents;
+  }
+
+  std::vector<std::string> all_object_ids() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("SELECT object_id FROM key_versions ORDER BY object_id",
+                                "list object ids");
+    std::vector<std::string> ids;
+    while (q.step()) ids.push_back(q.text(0));
+    return ids;
+  }
+
+  std::vector<VersionRef> all_versions() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare(
+        "SELECT k.ns, k.name, v.version, v.object_id"
+        "  FROM key_versions v JOIN keys k ON k.id = v.key_id"
+        " ORDER BY k.ns, k.name, v.version",
+        "list versions");
+    std::vector<VersionRef> out;
+    while (q.step()) {
+      VersionRef ref;
+      ref.ns = q.text(0);
+      ref.name = q.text(1);
+      ref.version = q.int32(2);
+      ref.object_id = q.text(3);
+      out.push_back(std::move(ref));
+    }
+    return out;
+  }
+
+  std::optional<std::string> get_setting(const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("SELECT value FROM settings WHERE name = ?1", "read setting");
+    q.bind(1, name);
+    if (!q.step()) return std::nullopt;
+    return q.text(0);
+  }
+
+  void put_setting(const std::string& name, const std::string& value) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare(
+        "INSERT INTO settings (name, value) VALUES (?1, ?2)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        "write setting");
+    q.bind(1, name).bind(2, value);
+    q.run();
+  }
+
+  int schema_version() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return applied_schema_version();
+  }
+
+ private:
+  void configure() {
+    if (sqlite3_busy_timeout(conn_.handle(), 5000) != SQLITE_OK) {
+      throw_sqlite(conn_.handle(), "set busy timeout");
+    }
+    {
+      Statement q = conn_.prepare("PRAGMA journal_mode=WAL", "enable WAL journal mode");
+      std::string mode = q.step() ? q.text(0) : std::string();
+      // An in-memory database cannot use WAL; it reports "memory" and is fine for tests.
+      bool in_memory = path_.empty() || path_ == ":memory:";
+      if (mode != "wal" && !(in_memory && mode == "memory")) {
+        throw StoreError("sqlite metadata store: cannot enable WAL journal mode on '" + path_ +
+                         "' (journal mode is '" + mode + "')");
+      }
+    }
+    conn_.exec("PRAGMA synchronous=NORMAL", "set synchronous mode");
+    conn_.exec("PRAGMA foreign_keys=ON", "enable foreign keys");
+    {
+      Statement q = conn_.prepare("PRAGMA foreign_keys", "check foreign keys");
+      if (!q.step() || q.int64(0) != 1) {
+        throw StoreError("sqlite metadata store: libsqlite3 does not enforce foreign keys");
+      }
+    }
+  }
+
+  int applied_schema_version() {
+    Statement q = conn_.prepare("SELECT coalesce(max(version), 0) FROM schema_migrations",
+                                "read schema version");
+    return q.step() ? q.int32(0) : 0;
+  }
+
+  void check_not_newer(int version) const {
+    if (version > kLatestSchemaVersion) {
+      throw StoreError("sqlite metadata store: database '" + path_ + "' has schema version " +
+                       std::to_string(version) + ", newer than this build supports (" +
+                       std::to_string(kLatestSchemaVersion) +
+                       "); refusing to open it with an older p11kms");
+    }
+  }
+
+  void migrate() {
+    conn_.exec(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+        "create schema_migrations table");
+    const int start = applied_schema_version();
+    check_not_newer(start);
+    for (int target = start + 1; target <= kLatestSchemaVersion; ++target) {
+      Transaction tx(conn_);
+      // Re-read under the write lock: another process may have migrated meanwhile.
+      int current = applied_schema_version();
+      check_not_newer(current);
+      if (current >= target) continue;
+      conn_.exec(kMigrations[target - 1],
+                 "apply schema migration " + std::to_string(target) + " to '" + path_ + "'");
+      {
+        Statement q = conn_.prepare(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            "record schema migration");
+        q.bind(1, target).bind(2, now_unix());
+        q.run();
+      }
+      tx.commit();
+    }
+  }
+
+  std::optional<int64_t> find_key(const std::string& ns, const std::string& name) {
+    Statement q = conn_.prepare("SELECT id FROM keys WHERE ns = ?1 AND name = ?2", "find key");
+    q.bind(1, ns).bind(2, name);
+    if (!q.step()) return std::nullopt;
+    return q.int64(0);
+  }
+
+  int64_t max_deleted_generation() {
+    Statement q = conn_.prepare(
+        "SELECT value FROM counters WHERE name = 'max_deleted_generation'",
+        "read deleted generation");
+    return q.step() ? q.int64(0) : 0;
+  }
+
+  void insert_version(int64_t key_id, const VersionRecord& v) {
+    Statement q = conn_.prepare(
+        "INSERT INTO key_versions (key_id, version, object_id, created_at)"
+        " VALUES (?1, ?2, ?3, ?4)",
+        "insert key version");
+    q.bind(1, key_id).bind(2, v.version).bind(3, v.object_id).bind(4, v.created_at);
+    q.run();
+  }
+
+  // Idempotent: an intent that already exists keeps its original label and time (the older
+  // time is the safer one for a sweeper that settles intents by age).
+  void insert_intent(const Intent& intent) {
+    Statement q = conn_.prepare(
+        "INSERT INTO intents (object_id, label, created_at) VALUES (?1, ?2, ?3)"
+        " ON CONFLICT (object_id) DO NOTHING",
+        "insert intent");
+    q.bind(1, intent.object_id).bind(2, intent.label).bind(3, intent.created_at);
+    q.run();
+  }
+
+  void delete_intent(const std::string& object_id) {
+    Statement q = conn_.prepare("DELETE FROM intents WHERE object_id = ?1", "delete intent");
+    q.bind(1, object_id);
+    q.run();
+  }
+
+  void bump_generation(int64_t key_id) {
+    Statement q = conn_.prepare("UPDATE keys SET generation = generation + 1 WHERE id = ?1",
+                                "bump key generation");
+    q.bind(1, key_id);
+    q.run();
+  }
+
+  const std::string path_;
+  std::mutex mu_;
+  Connection conn_;
+};
+
+}  // namespace
+
+std::unique_ptr<MetadataStore> open_sqlite_store(const std::string& path) {
+  return std::make_unique<SqliteStore>(path);
+}
+
+}  // namespace p11kms::store

@@ -1,0 +1,176 @@
+// The PKCS#11 layer against a real SoftHSM token.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <thread>
+
+#include "hsm/attributes.hpp"
+#include "hsm/token.hpp"
+#include "hsm/token_admin.hpp"
+#include "support/temp_token.hpp"
+
+using namespace p11kms;
+
+namespace {
+
+bool bool_attr(hsm::SessionPool& pool, const hsm::ObjectId& id, CK_ATTRIBUTE_TYPE type) {
+  auto l = pool.lease();
+  hsm::AttributeTemplate t;
+  t.set_bytes(CKA_ID, id);
+  l.check(l.fn()->C_FindObjectsInit(l.session(), t.data(), t.size()), "init");
+  CK_OBJECT_HANDLE h = 0;
+  CK_ULONG n = 0;
+  l.check(l.fn()->C_FindObjects(l.session(), &h, 1, &n), "find");
+  l.fn()->C_FindObjectsFinal(l.session());
+  EXPECT_EQ(n, 1u);
+  CK_BBOOL v = CK_FALSE;
+  CK_ATTRIBUTE a{type, &v, sizeof v};
+  l.check(l.fn()->C_GetAttributeValue(l.session(), h, &a, 1), "get");
+  return v == CK_TRUE;
+}
+
+class TokenTest : public ::testing::Test {
+ protected:
+  test_support::TempToken token_;
+  hsm::SessionPool pool_{token_.pool_config()};
+  hsm::Token ops_{pool_};
+};
+
+TEST_F(TokenTest, AesKeyHasCustodyAttributes) {
+  auto id = ops_.new_object_id();
+  ASSERT_EQ(id.size(), 16u);
+  ops_.generate_aes_key(id, 32, "p11kms/root/t/v1");
+  EXPECT_FALSE(bool_attr(pool_, id, CKA_EXTRACTABLE));
+  EXPECT_TRUE(bool_attr(pool_, id, CKA_SENSITIVE));
+  EXPECT_TRUE(bool_attr(pool_, id, CKA_TOKEN));
+  EXPECT_TRUE(bool_attr(pool_, id, CKA_PRIVATE));
+  EXPECT_TRUE(bool_attr(pool_, id, CKA_ENCRYPT));
+  EXPECT_TRUE(bool_attr(pool_, id, CKA_DECRYPT));
+  for (auto a : {CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE}) EXPECT_FALSE(bool_attr(pool_, id, a));
+}
+
+TEST_F(TokenTest, GcmRoundTripAndTamperDetection) {
+  auto id = ops_.new_object_id();
+  ops_.generate_aes_key(id, 16, "p11kms/root/g/v1");
+  hsm::Bytes iv = ops_.random(12), aad = {1, 2, 3};
+  std::string msg = "attack at dawn";
+  auto ct = ops_.aes_gcm_encrypt(id, iv, aad, reinterpret_cast<const uint8_t*>(msg.data()), msg.size());
+  ASSERT_EQ(ct.size(), msg.size() + 16);
+  auto pt = ops_.aes_gcm_decrypt(id, iv, aad, ct.data(), ct.size());
+  ASSERT_TRUE(pt.has_value());
+  EXPECT_EQ(std::string(pt->data(), pt->data() + pt->size()), msg);
+  ct[0] ^= 1;
+  EXPECT_FALSE(ops_.aes_gcm_decrypt(id, iv, aad, ct.data(), ct.size()).has_value());
+  ct[0] ^= 1;
+  hsm::Bytes other_aad = {9};
+  EXPECT_FALSE(ops_.aes_gcm_decrypt(id, iv, other_aad, ct.data(), ct.size()).has_value());
+  // The session is usable after a failed decrypt.
+  EXPECT_TRUE(ops_.aes_gcm_decrypt(id, iv, aad, ct.data(), ct.size()).has_value());
+}
+
+TEST_F(TokenTest, DestroyRemovesObjectAndListing) {
+  auto a = ops_.new_object_id(), b = ops_.new_object_id();
+  ops_.generate_aes_key(a, 32, "p11kms/root/a/v1");
+  ops_.generate_aes_key(b, 32, "p11kms/root/b/v1");
+  EXPECT_EQ(ops_.list_key_objects().size(), 2u);
+  EXPECT_TRUE(ops_.destroy(a));
+  EXPECT_FALSE(ops_.exists(a));
+  EXPECT_TRUE(ops_.exists(b));
+  EXPECT_FALSE(ops_.destroy(a));
+  auto objs = ops_.list_key_objects();
+  ASSERT_EQ(objs.size(), 1u);
+  EXPECT_EQ(objs[0].id, b);
+  EXPECT_EQ(objs[0].label, "p11kms/root/b/v1");
+  hsm::Bytes iv(12, 0);
+  EXPECT_THROW(ops_.aes_gcm_encrypt(a, iv, {}, iv.data(), 1), hsm::ObjectMissing);
+}
+
+TEST_F(TokenTest, RandomIsRandom) {
+  auto x = ops_.random(32), y = ops_.random(32);
+  EXPECT_EQ(x.size(), 32u);
+  EXPECT_NE(x, y);
+}
+
+TEST_F(TokenTest, PoolServesMoreThreadsThanSessions) {
+  auto id = ops_.new_object_id();
+  ops_.generate_aes_key(id, 32, "p11kms/root/p/v1");
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t)
+    threads.emplace_back([&] {
+      hsm::Bytes iv(12, 7);
+      for (int i = 0; i < 50; ++i) {
+        auto ct = ops_.aes_gcm_encrypt(id, iv, {}, iv.data(), iv.size());
+        if (ops_.aes_gcm_decrypt(id, iv, {}, ct.data(), ct.size())) ++ok;
+      }
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 400);
+  auto st = pool_.status();
+  EXPECT_TRUE(st.reachable);
+  EXPECT_EQ(st.sessions_total, 4u);
+  EXPECT_EQ(st.sessions_in_use, 0u);
+}
+
+TEST_F(TokenTest, LostSessionsReconnectByThemselves) {
+  auto id = ops_.new_object_id();
+  ops_.generate_aes_key(id, 32, "p11kms/root/r/v1");
+  hsm::Bytes iv(12, 1);
+  auto ct = ops_.aes_gcm_encrypt(id, iv, {}, iv.data(), iv.size());
+  {
+    // Pull the sessions out from under the pool, as a token reset or network HSM drop would.
+    auto l = pool_.lease();
+    l.fn()->C_CloseAllSessions(pool_.slot());
+  }
+  // The first request that meets the dead session is a clean TokenUnavailable (HTTP 503) ...
+  EXPECT_THROW(ops_.aes_gcm_decrypt(id, iv, {}, ct.data(), ct.size()), hsm::TokenUnavailable);
+  EXPECT_FALSE(pool_.status().reachable);
+  // ... and the pool reconnects on the next lease, with no restart.
+  auto pt = ops_.aes_gcm_decrypt(id, iv, {}, ct.data(), ct.size());
+  ASSERT_TRUE(pt.has_value());
+  EXPECT_TRUE(pool_.status().reachable);
+}
+
+TEST(TokenAdminTest, InitIsIdempotentAndChecksThePin) {
+  test_support::TempToken token("admin-test");
+  hsm::InitTokenRequest r;
+  r.module = test_support::TempToken::kModule;
+  r.label = "admin-test";
+  r.so_pin = hsm::SecretString(test_support::TempToken::kSoPin);
+  r.user_pin = hsm::SecretString(test_support::TempToken::kUserPin);
+  EXPECT_EQ(hsm::init_token(r), hsm::InitResult::already_initialized);
+  r.user_pin = hsm::SecretString("wrong-pin");
+  EXPECT_THROW(hsm::init_token(r), std::runtime_error);
+  r.force = true;
+  EXPECT_EQ(hsm::init_token(r), hsm::InitResult::reinitialized);
+  r.force = false;
+  EXPECT_EQ(hsm::init_token(r), hsm::InitResult::already_initialized);  // new user PIN set
+}
+
+TEST(SessionPoolTest, UnknownTokenLabelIsAClearError) {
+  test_support::TempToken token("present");
+  auto cfg = token.pool_config();
+  cfg.token_label = "absent";
+  try {
+    hsm::SessionPool pool(cfg);
+    FAIL() << "expected an error";
+  } catch (const hsm::TokenUnavailable& e) {
+    EXPECT_NE(std::string(e.what()).find("absent"), std::string::npos);
+  }
+}
+
+TEST(SessionPoolTest, WrongPinIsRefusedWithoutLeakingIt) {
+  test_support::TempToken token("pin-test");
+  auto cfg = token.pool_config();
+  cfg.user_pin = hsm::SecretString("98765");
+  try {
+    hsm::SessionPool pool(cfg);
+    FAIL() << "expected an error";
+  } catch (const std::runtime_error& e) {
+    std::string m = e.what();
+    EXPECT_NE(m.find("PIN"), std::string::npos);
+    EXPECT_EQ(m.find("98765"), std::string::npos);
+  }
+}
+
+}  // namespace
