@@ -63,7 +63,8 @@ json parse_body(const std::string& body, size_t max_depth) {
     parsed = json::parse(body, cb);
   } catch (const json::parse_error& e) {
     if (too_deep) throw keys::invalid("request body nests JSON deeper than the limit of " + std::to_string(max_depth));
-    throw keys::invalid("failed to parse JSON request body: " + std::string(e.what()).substr(0, 200));
+    // nlohmann's message quotes the bytes read; keep only its position, not the client's bytes.
+    throw keys::invalid("failed to parse JSON request body: malformed JSON at byte " + std::to_string(e.byte));
   }
   if (too_deep) throw keys::invalid("request body nests JSON deeper than the limit of " + std::to_string(max_depth));
   return parsed;
@@ -80,6 +81,7 @@ http::Response ApiService::handle(const http::Request& request) {
   auto started = std::chrono::steady_clock::now();
   std::string request_id = request_id_of(request);
   http::Response resp;
+  try {
   if (request.headers_too_large) {
     resp = vault::error(431, {"request headers exceed the limit of " + std::to_string(limits_.max_header_bytes) + " bytes"});
   } else if (request.body_too_large) {
@@ -88,6 +90,10 @@ http::Response ApiService::handle(const http::Request& request) {
     resp = handle_vault(request, request.path.substr(4), request_id);
   } else {
     resp = vault::error(404, {"no handler for route \"" + request.path + "\""});
+  }
+  } catch (const std::exception& e) {
+    log::error(std::string("unexpected error: ") + e.what(), request_id);
+    resp = vault::error(500, {"internal error; see the server log for request id " + request_id});
   }
   resp.headers.emplace_back("X-Request-Id", request_id);
   resp.headers.emplace_back("Cache-Control", "no-store");
@@ -102,6 +108,7 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
   try {
     // Vault treats GET ...?list=true as LIST, for clients that cannot send the LIST verb.
     std::string method = request.method;
+    if (method == "PUT") method = "POST";  // Vault makes no difference between the two
     if (method == "GET" && request.query_param("list").value_or("") == "true") method = "LIST";
     auto m = vault_.match(method, path);
     const policy::TokenEntry* token = nullptr;

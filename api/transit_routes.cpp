@@ -182,7 +182,7 @@ void add_transit_routes(Router& router, keys::KeyService& ks, const ApiLimits& l
   router.add({"LIST", "transit/keys", {}, "List key names (also GET with ?list=true).",
               [&ks](Context& ctx) {
                 auto names = ks.list_keys(ctx.ns);
-                if (names.empty()) return Reply{404, json::object(), {}, true};  // Vault: 404 {"errors":[]}
+                if (names.empty()) return Reply{404, json{{"errors", json::array()}}, {}, true};  // as Vault
                 return Reply{200, json{{"keys", names}}};
               }});
 

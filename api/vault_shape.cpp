@@ -1,6 +1,11 @@
 #include "api/vault_shape.hpp"
 
 namespace p11kms::api::vault {
+namespace {
+// Request bytes can reach a message (a JSON parse error quotes them); never let invalid UTF-8
+// turn an answer into an exception.
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+}  // namespace
 
 int status_of(keys::ErrorKind kind) {
   switch (kind) {
@@ -19,7 +24,7 @@ http::Response render(const Reply& reply, const std::string& request_id) {
   r.status = reply.status;
   if (reply.status == 204) return r;
   if (reply.raw) {
-    r.body = reply.data.dump();
+    r.body = dump(reply.data);
     return r;
   }
   json body = {{"request_id", request_id},
@@ -30,14 +35,14 @@ http::Response render(const Reply& reply, const std::string& request_id) {
                {"wrap_info", nullptr},
                {"warnings", reply.warnings.empty() ? json(nullptr) : json(reply.warnings)},
                {"auth", nullptr}};
-  r.body = body.dump();
+  r.body = dump(body);
   return r;
 }
 
 http::Response error(int status, const std::vector<std::string>& messages) {
   http::Response r;
   r.status = status;
-  r.body = json{{"errors", messages}}.dump();
+  r.body = dump(json{{"errors", messages}});
   return r;
 }
 

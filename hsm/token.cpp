@@ -148,7 +148,8 @@ std::optional<SecureBytes> Token::aes_gcm_decrypt(const ObjectId& key, const Byt
     SecureBytes out(len);
     CK_ULONG out_len = out.size();
     rv = l.fn()->C_Decrypt(l.session(), const_cast<uint8_t*>(ciphertext), len, out.data(), &out_len);
-    // A failed tag check ends the operation; these codes are how modules report it.
+    // A failed tag check ends the operation; these codes are how modules report it (SoftHSM
+    // 2.6.1 answers CKR_GENERAL_ERROR, measured; connection-class failures are not among them).
     if (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE || rv == CKR_DATA_INVALID ||
         rv == CKR_FUNCTION_FAILED || rv == CKR_GENERAL_ERROR)
       return std::nullopt;

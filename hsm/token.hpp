@@ -52,6 +52,8 @@ class Token {
   std::vector<ObjectInfo> list_key_objects();
 
   bool has_mechanism(CK_MECHANISM_TYPE m) const { return pool_.mechanisms().count(m) != 0; }
+  // What key types need, read once from the module's mechanism list at start.
+  bool supports_aes_gcm() const { return has_mechanism(CKM_AES_GCM) && has_mechanism(CKM_AES_KEY_GEN); }
 
  private:
   std::optional<CK_OBJECT_HANDLE> find(SessionPool::Lease& lease, const ObjectId& id);

@@ -88,7 +88,14 @@ std::shared_ptr<const Key> KeyService::load(const KeyRef& ref) {
 std::shared_ptr<const Key> KeyService::load_for_use(const KeyRef& ref) {
   auto k = load(ref);
   if (!k) throw invalid("encryption key not found: no key named \"" + ref.name + "\"", "key_not_found");
+  require_aes_gcm();
   return k;
+}
+
+void KeyService::require_aes_gcm() const {
+  if (!token_.supports_aes_gcm())
+    throw invalid("the token's PKCS#11 module does not offer AES-GCM (CKM_AES_GCM, CKM_AES_KEY_GEN), "
+                  "so AES keys cannot be created or used through it", "mechanism_unavailable");
 }
 
 std::shared_ptr<const Key> KeyService::load_existing(const KeyRef& ref) {
@@ -130,6 +137,7 @@ CreateResult KeyService::create_key(const KeyRef& ref, const std::string& type_n
     if (!type)
       throw invalid("unknown key type \"" + type_name + "\": type must be one of " + supported_key_types(),
                     "invalid_type");
+    require_aes_gcm();
     std::lock_guard<std::mutex> lk(write_mu_);
     if (auto existing = load(ref)) return CreateResult{existing->record(), false};
     store::KeyRecord rec;

@@ -89,6 +89,7 @@ class KeyService {
   std::shared_ptr<const Key> load_existing(const KeyRef& ref);  // 404 when absent
   store::VersionRecord create_version_object(const Key& key, int version);
   void invalidate(const KeyRef& ref);
+  void require_aes_gcm() const;
   void destroy_for_intents(const std::vector<store::Intent>& intents);
   template <typename F>
   auto guarded(F&& f) -> decltype(f());

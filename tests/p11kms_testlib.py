@@ -155,7 +155,8 @@ class DevServer:
 
     def _spawn_and_wait(self):
         with open(self.log_path, "ab") as logf:
-            logf.write(("\n=== start %s ===\n" % " ".join(self.argv())).encode())
+            shown = ["<root token>" if a == self.token else a for a in self.argv()]
+            logf.write(("\n=== test harness: start %s ===\n" % " ".join(shown)).encode())
             logf.flush()
             self.proc = subprocess.Popen(
                 self.argv(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,

@@ -1060,8 +1060,8 @@ def test_body_just_under_limit_is_accepted(server):
 
 
 @pytest.mark.parametrize("raw", [b'{"plaintext": ', b"{not json}", b'{"plaintext": "aGk="} x',
-                                 b"\xff\xfe\x00"],
-                         ids=["truncated", "garbage", "trailing", "binary"])
+                                 b"\xff\xfe\x00", b'{"plaintext": "\xff"}'],
+                         ids=["truncated", "garbage", "trailing", "binary", "bad-utf8-in-string"])
 def test_malformed_json_is_400(server, raw):
     name = create_key(server)
     r = server.request("POST", "/v1/transit/encrypt/" + name, data=raw,
