@@ -2,6 +2,7 @@
 
 #include <openssl/rand.h>
 
+#include <algorithm>
 #include <chrono>
 
 #include "api/vault_shape.hpp"
@@ -52,29 +53,45 @@ int64_t now_seconds() {
 
 }  // namespace
 
+namespace {
+// Nesting depth of a JSON text, counted before parsing: exact for empty containers too, and it
+// keeps absurdly deep input (half a million levels fit in 1 MiB) away from the parser.
+size_t json_depth(const std::string& text) {
+  size_t depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
+}
+}  // namespace
+
 json parse_body(const std::string& body, size_t max_depth) {
-  bool too_deep = false;
-  json::parser_callback_t cb = [&](int depth, json::parse_event_t, json&) {
-    if (static_cast<size_t>(depth) > max_depth) too_deep = true;
-    return !too_deep;
-  };
-  json parsed;
+  if (json_depth(body) > max_depth)
+    throw keys::invalid("request body nests JSON deeper than the limit of " + std::to_string(max_depth));
   try {
-    parsed = json::parse(body, cb);
+    return json::parse(body);
   } catch (const json::parse_error& e) {
-    if (too_deep) throw keys::invalid("request body nests JSON deeper than the limit of " + std::to_string(max_depth));
     // nlohmann's message quotes the bytes read; keep only its position, not the client's bytes.
     throw keys::invalid("failed to parse JSON request body: malformed JSON at byte " + std::to_string(e.byte));
   }
-  if (too_deep) throw keys::invalid("request body nests JSON deeper than the limit of " + std::to_string(max_depth));
-  return parsed;
 }
 
 ApiService::ApiService(keys::KeyService& keys, const policy::TokenAuthenticator& auth, ApiLimits limits,
                        std::string version)
     : keys_(keys), auth_(auth), limits_(limits) {
-  add_sys_routes(vault_, keys_, version);
-  add_transit_routes(vault_, keys_, limits_);
+  add_sys_routes(vault_, version);
+  add_transit_routes(vault_);
 }
 
 http::Response ApiService::handle(const http::Request& request) {
@@ -124,7 +141,7 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
     if (m.outcome == Router::Outcome::method_not_allowed)
       return vault::error(405, {"unsupported operation: " + request.method + " is not allowed on \"" + path + "\""});
 
-    Context ctx{request, request_id};
+    Context ctx{request, &keys_, &limits_, request_id};
     ctx.token = token;
     ctx.params = m.params;
     if (auto ns = request.header("X-Vault-Namespace")) {

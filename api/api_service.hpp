@@ -34,9 +34,12 @@ class ApiService {
   Router vault_;  // mounted at /v1/
 };
 
-// The dialects' route tables.
-void add_transit_routes(Router& router, keys::KeyService& keys, const ApiLimits& limits);
-void add_sys_routes(Router& router, keys::KeyService& keys, const std::string& version);
+// The dialects' route tables: pure declarations (callbacks reach the service through their
+// Context), so they can also be rendered as documentation without a token or a store.
+void add_transit_routes(Router& router);
+void add_sys_routes(Router& router, const std::string& version);
+// Markdown reference of a router's routes under a mount prefix, from the declarations.
+std::string render_route_docs(const Router& router, const std::string& mount, const std::string& prefix);
 
 // Parses a JSON request body, refusing nesting deeper than max_depth (400 naming the limit).
 json parse_body(const std::string& body, size_t max_depth);

@@ -14,6 +14,10 @@
 #include "api/http/types.hpp"
 #include "policy/token_auth.hpp"
 
+namespace p11kms::keys {
+class KeyService;
+}
+
 namespace p11kms::api {
 
 using json = nlohmann::json;
@@ -51,8 +55,12 @@ class FieldData {
   json values_ = json::object();
 };
 
+struct ApiLimits;
+
 struct Context {
   const http::Request& request;
+  keys::KeyService* keys = nullptr;
+  const ApiLimits* limits = nullptr;
   std::string request_id;
   std::string ns = "root";
   const policy::TokenEntry* token = nullptr;

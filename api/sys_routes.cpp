@@ -19,10 +19,10 @@ std::string rfc3339(int64_t t) {
 
 }  // namespace
 
-void add_sys_routes(Router& router, keys::KeyService& ks, const std::string& version) {
+void add_sys_routes(Router& router, const std::string& version) {
   Route health{"GET", "sys/health", {}, "Health in Vault's shape plus the token's state; no token needed.",
-               [&ks, version](Context&) {
-                 auto h = ks.health();
+               [version](Context& ctx) {
+                 auto h = ctx.keys->health();
                  auto now = std::chrono::duration_cast<std::chrono::seconds>(
                                 std::chrono::system_clock::now().time_since_epoch()).count();
                  json missing = json::array();

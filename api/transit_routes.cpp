@@ -151,7 +151,7 @@ std::string encode_as(const std::vector<uint8_t>& bytes, const std::string& form
 
 }  // namespace
 
-void add_transit_routes(Router& router, keys::KeyService& ks, const ApiLimits& limits) {
+void add_transit_routes(Router& router) {
   const Field name{"name", FieldType::string, "Name of the key: 1 to 128 characters of [A-Za-z0-9._-]."};
 
   router.add({"POST", "transit/keys/:name",
@@ -165,7 +165,8 @@ void add_transit_routes(Router& router, keys::KeyService& ks, const ApiLimits& l
                {"key_size", FieldType::integer, "Only for HMAC keys (not supported yet)."},
                {"context", FieldType::string, "Derivation context (not supported yet)."}},
               "Create a key in the token; an existing key is left unchanged.",
-              [&ks](Context& ctx) {
+              [](Context& ctx) {
+                auto& ks = *ctx.keys;
                 refuse_unsupported(ctx.fields, {"derived", "convergent_encryption", "exportable", "allow_plaintext_backup"});
                 auto period = ctx.fields.get_string("auto_rotate_period");
                 if (!period.empty() && period != "0" && period != "0s")
@@ -177,10 +178,12 @@ void add_transit_routes(Router& router, keys::KeyService& ks, const ApiLimits& l
               }});
 
   router.add({"GET", "transit/keys/:name", {name}, "Read a key's versions and configuration.",
-              [&ks](Context& ctx) { return Reply{200, key_info(ks.read_key(key_ref(ctx)))}; }});
+              [](Context& ctx) {
+                auto& ks = *ctx.keys; return Reply{200, key_info(ks.read_key(key_ref(ctx)))}; }});
 
   router.add({"LIST", "transit/keys", {}, "List key names (also GET with ?list=true).",
-              [&ks](Context& ctx) {
+              [](Context& ctx) {
+                auto& ks = *ctx.keys;
                 auto names = ks.list_keys(ctx.ns);
                 if (names.empty()) return Reply{404, json{{"errors", json::array()}}, {}, true};  // as Vault
                 return Reply{200, json{{"keys", names}}};
@@ -188,7 +191,8 @@ void add_transit_routes(Router& router, keys::KeyService& ks, const ApiLimits& l
 
   router.add({"DELETE", "transit/keys/:name", {name},
               "Delete a key and destroy its token objects; needs deletion_allowed.",
-              [&ks](Context& ctx) {
+              [](Context& ctx) {
+                auto& ks = *ctx.keys;
                 ks.delete_key(key_ref(ctx));
                 return Reply{204};
               }});
@@ -202,7 +206,8 @@ void add_transit_routes(Router& router, keys::KeyService& ks, const ApiLimits& l
                {"allow_plaintext_backup", FieldType::boolean, "Plaintext backup (not supported)."},
                {"auto_rotate_period", FieldType::string, "Automatic rotation (not supported yet)."}},
               "Configure min versions and deletion.",
-              [&ks](Context& ctx) {
+              [](Context& ctx) {
+                auto& ks = *ctx.keys;
                 refuse_unsupported(ctx.fields, {"exportable", "allow_plaintext_backup"});
                 auto period = ctx.fields.get_string("auto_rotate_period");
                 if (!period.empty() && period != "0" && period != "0s")
@@ -218,7 +223,8 @@ void add_transit_routes(Router& router, keys::KeyService& ks, const ApiLimits& l
               }});
 
   router.add({"POST", "transit/keys/:name/rotate", {name}, "Add a new key version in the token.",
-              [&ks](Context& ctx) { return Reply{200, key_info(ks.rotate_key(key_ref(ctx)))}; }});
+              [](Context& ctx) {
+                auto& ks = *ctx.keys; return Reply{200, key_info(ks.rotate_key(key_ref(ctx)))}; }});
 
   std::vector<Field> crypt_fields = item_fields();
   crypt_fields.push_back(name);
@@ -228,11 +234,11 @@ void add_transit_routes(Router& router, keys::KeyService& ks, const ApiLimits& l
   crypt_fields.push_back({"convergent_encryption", FieldType::boolean, "Not supported yet."});
 
   router.add({"POST", "transit/encrypt/:name", crypt_fields, "Encrypt base64 plaintext with AES-GCM in the token.",
-              [&ks, &limits](Context& ctx) { return single_or_batch(ctx, ks, limits, encrypt_one); }});
+              [](Context& ctx) { return single_or_batch(ctx, *ctx.keys, *ctx.limits, encrypt_one); }});
   router.add({"POST", "transit/decrypt/:name", crypt_fields, "Decrypt a vault:v<N>: ciphertext in the token.",
-              [&ks, &limits](Context& ctx) { return single_or_batch(ctx, ks, limits, decrypt_one); }});
+              [](Context& ctx) { return single_or_batch(ctx, *ctx.keys, *ctx.limits, decrypt_one); }});
   router.add({"POST", "transit/rewrap/:name", crypt_fields, "Re-encrypt a ciphertext with the latest (or given) version.",
-              [&ks, &limits](Context& ctx) { return single_or_batch(ctx, ks, limits, rewrap_one); }});
+              [](Context& ctx) { return single_or_batch(ctx, *ctx.keys, *ctx.limits, rewrap_one); }});
 
   router.add({"POST", "transit/datakey/:plaintext/:name",
               {name,
@@ -242,7 +248,8 @@ void add_transit_routes(Router& router, keys::KeyService& ks, const ApiLimits& l
                {"context", FieldType::string, "Derivation context (not supported yet)."},
                {"nonce", FieldType::string, "Nonce (not supported yet)."}},
               "Generate a data key in the token, returned wrapped (and in plaintext if asked).",
-              [&ks](Context& ctx) {
+              [](Context& ctx) {
+                auto& ks = *ctx.keys;
                 std::string kind = ctx.params.at("plaintext");
                 if (kind != "plaintext" && kind != "wrapped")
                   throw invalid("invalid datakey type \"" + kind + "\": the path must be datakey/plaintext/<name> or datakey/wrapped/<name>");
@@ -261,7 +268,8 @@ void add_transit_routes(Router& router, keys::KeyService& ks, const ApiLimits& l
       {"format", FieldType::string, "Output encoding: base64 or hex.", "base64"},
       {"source", FieldType::string, "Entropy source: platform, seal or all (all are the token's RNG)."},
       {"urlbytes", FieldType::string, "Number of bytes, from the URL."}};
-  auto random_cb = [&ks](Context& ctx) {
+  auto random_cb = [](Context& ctx) {
+                auto& ks = *ctx.keys;
     int64_t n = ctx.fields.get_int("bytes");
     std::string url_bytes = ctx.params.count("urlbytes") ? ctx.params.at("urlbytes") : "";
     if (!url_bytes.empty()) {
