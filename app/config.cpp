@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
+#include <regex>
 #include <map>
 #include <set>
 #include <sstream>
@@ -79,15 +80,30 @@ std::string absolute(const std::string& path, const std::string& base_dir) {
   return p.is_absolute() ? p.string() : (fs::path(base_dir) / p).lexically_normal().string();
 }
 
+// RFC 3339 date-time, strictly: YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM), and a real date.
 int64_t parse_rfc3339(const std::string& s, const std::string& key) {
+  static const std::regex re(R"(^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|([+-])(\d{2}):(\d{2}))$)");
+  std::smatch m;
+  if (!std::regex_match(s, m, re)) fail(key, "must be an RFC 3339 time such as 2027-01-01T00:00:00Z");
+  auto num = [&](int i) { return std::stoi(m[i].str()); };
   std::tm tm{};
-  std::istringstream in(s);
-  in >> std::get_time(&tm, "%Y-%m-%dT%H:%M:%S");
-  if (in.fail()) fail(key, "must be an RFC 3339 time such as 2027-01-01T00:00:00Z");
-  std::string rest;
-  in >> rest;
-  if (!rest.empty() && rest != "Z") fail(key, "must be a UTC time ending in Z");
-  return static_cast<int64_t>(timegm(&tm));
+  tm.tm_year = num(1) - 1900;
+  tm.tm_mon = num(2) - 1;
+  tm.tm_mday = num(3);
+  tm.tm_hour = num(4);
+  tm.tm_min = num(5);
+  tm.tm_sec = num(6);
+  std::tm check = tm;
+  int64_t t = static_cast<int64_t>(timegm(&check));
+  // timegm normalizes (Feb 30 -> Mar 2); a real date comes back unchanged.
+  if (check.tm_mday != tm.tm_mday || check.tm_mon != tm.tm_mon || check.tm_hour != tm.tm_hour ||
+      check.tm_min != tm.tm_min || check.tm_sec != tm.tm_sec)
+    fail(key, "\"" + s + "\" is not a valid date and time");
+  if (m[9].matched) {
+    int offset = num(10) * 3600 + num(11) * 60;
+    t += m[9].str() == "+" ? -offset : offset;
+  }
+  return t;
 }
 
 [[noreturn]] void not_yet(const std::string& key, const std::string& what) {
@@ -143,8 +159,15 @@ Config parse_config(const std::string& text, const std::string& base_dir) {
     check_keys(h, "hsm", "hsm");
     if (h["module"]) c.hsm.module = str(h["module"], "hsm.module");
     if (h["token_label"]) c.hsm.token_label = str(h["token_label"], "hsm.token_label");
-    if (h["pin_file"]) c.hsm.pin_file = absolute(str(h["pin_file"], "hsm.pin_file"), base_dir);
-    if (h["pin_env"]) c.hsm.pin_env = str(h["pin_env"], "hsm.pin_env");
+    if (h["pin_file"]) {
+      std::string f = str(h["pin_file"], "hsm.pin_file");
+      if (f.empty()) fail("hsm.pin_file", "must not be empty");
+      c.hsm.pin_file = absolute(f, base_dir);
+    }
+    if (h["pin_env"]) {
+      c.hsm.pin_env = str(h["pin_env"], "hsm.pin_env");
+      if (c.hsm.pin_env.empty()) fail("hsm.pin_env", "must not be empty");
+    }
     if (h["sessions"]) c.hsm.sessions = static_cast<size_t>(integer(h["sessions"], "hsm.sessions", 1, 1024));
   }
   if (!c.hsm.pin_file.empty() && !c.hsm.pin_env.empty()) fail("hsm", "set pin_file or pin_env, not both");
@@ -168,7 +191,8 @@ Config parse_config(const std::string& text, const std::string& base_dir) {
   }
   if (c.tokens.empty()) fail("auth.tokens", "at least one token is required");
 
-  if (auto p = root["policies"]; p && !(p.IsMap() && p.size() == 0)) not_yet("policies", "custom policies");
+  if (auto p = root["policies"]; p && !p.IsNull() && !(p.IsMap() && p.size() == 0))
+    not_yet("policies", "custom policies");
   if (root["audit"]) not_yet("audit", "the audit log");
   if (root["keyring"]) not_yet("keyring", "the keyring dialect");
   if (root["jwks"]) not_yet("jwks", "the jwks dialect");
