@@ -109,6 +109,22 @@ def describe(resp):
         resp.status_code, body)
 
 
+def stop_process(proc, timeout, log_path=None):
+    """SIGTERM a child by its pid, wait, SIGKILL on timeout (noting it in log_path). Returns
+    the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            if log_path:
+                with open(log_path, "ab") as logf:
+                    logf.write(b"\n=== test harness: SIGKILL after SIGTERM timeout ===\n")
+    return proc.returncode
+
+
 class DevServer:
     """`p11kms server -dev` on a free loopback port with its own data dir and root token."""
 
@@ -191,17 +207,9 @@ class DevServer:
         if self.proc is None:
             return None
         proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                with open(self.log_path, "ab") as logf:
-                    logf.write(b"\n=== test harness: SIGKILL after SIGTERM timeout ===\n")
-        self.exit_codes.append(proc.returncode)
-        return proc.returncode
+        code = stop_process(proc, STOP_TIMEOUT_S, self.log_path)
+        self.exit_codes.append(code)
+        return code
 
     def restart(self):
         """Stop, then start again on the same data dir, port and root token."""

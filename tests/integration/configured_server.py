@@ -174,16 +174,7 @@ class ConfiguredServer:
         if self.proc is None:
             return self.returncode
         proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                with open(self.log_path, "ab") as logf:
-                    logf.write(b"\n=== test harness: SIGKILL after SIGTERM timeout ===\n")
-        self.returncode = proc.returncode
+        self.returncode = tl.stop_process(proc, STOP_TIMEOUT_S, self.log_path)
         return self.returncode
 
     def request(self, method, path, json=None, token=True, headers=None, timeout=10):
@@ -297,13 +288,7 @@ class P11KitServer:
             return []
         sid = self.proc.pid
         proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        tl.stop_process(proc, timeout)
         killed = []
         for pid in _session_members(sid):
             try:

@@ -37,6 +37,7 @@ class KeyServiceTest : public ::testing::Test {
     for (const auto& o : hsm_.list_key_objects()) out.insert(o.label);
     return out;
   }
+  // The kind of KeyError f throws (a test failure if it throws none).
   keys::ErrorKind kind_of(const std::function<void()>& f) {
     try {
       f();

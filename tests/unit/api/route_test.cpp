@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support/expect_key_error.hpp"
+
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -38,22 +40,10 @@ api::Router make_router() {
   return r;
 }
 
-template <typename F>
-std::string expect_invalid(F&& f) {
-  try {
-    f();
-  } catch (const keys::KeyError& e) {
-    EXPECT_EQ(e.kind(), keys::ErrorKind::invalid_argument) << e.what();
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw something other than KeyError: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "did not throw";
-  return {};
-}
+using p11kms::test_support::contains;
 
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+template <typename F>
+std::string expect_invalid(F&& f) { return p11kms::test_support::expect_key_error(std::forward<F>(f)); }
 
 }  // namespace
 

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support/expect_key_error.hpp"
+
 #include <string>
 #include <vector>
 
@@ -33,23 +35,10 @@ store::KeyRecord record(int latest, int min_dec = 1, int min_enc = 0) {
   return r;
 }
 
-// Runs f and expects KeyError(invalid_argument); returns its message.
-template <typename F>
-std::string expect_invalid(F&& f) {
-  try {
-    f();
-  } catch (const keys::KeyError& e) {
-    EXPECT_EQ(e.kind(), keys::ErrorKind::invalid_argument) << e.what();
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw something other than KeyError: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "did not throw";
-  return {};
-}
+using p11kms::test_support::contains;
 
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+template <typename F>
+std::string expect_invalid(F&& f) { return p11kms::test_support::expect_key_error(std::forward<F>(f)); }
 
 void expect_same_record(const store::KeyRecord& a, const store::KeyRecord& b) {
   EXPECT_EQ(a.ns, b.ns);
