@@ -41,6 +41,14 @@ std::string presented_token(const http::Request& r) {
   return {};
 }
 
+bool valid_namespace(const std::string& ns) {
+  if (ns.empty() || ns.size() > 64) return false;
+  for (char c : ns)
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-'))
+      return false;
+  return true;
+}
+
 bool may_use_namespace(const policy::TokenEntry& t, const std::string& ns) {
   for (const auto& n : t.namespaces)
     if (n == "*" || n == ns) return true;
@@ -87,9 +95,9 @@ json parse_body(const std::string& body, size_t max_depth) {
   }
 }
 
-ApiService::ApiService(keys::KeyService& keys, const policy::TokenAuthenticator& auth, ApiLimits limits,
+ApiService::ApiService(keys::KeyService& keys, const policy::AccessControl& access, ApiLimits limits,
                        std::string version)
-    : keys_(keys), auth_(auth), limits_(limits) {
+    : keys_(keys), access_(access), limits_(limits) {
   add_sys_routes(vault_, version);
   add_transit_routes(vault_);
 }
@@ -128,12 +136,13 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
     if (method == "PUT") method = "POST";  // Vault makes no difference between the two
     if (method == "GET" && request.query_param("list").value_or("") == "true") method = "LIST";
     auto m = vault_.match(method, path);
+    auto rules = access_.current();  // one snapshot for the whole request (SIGHUP may swap it)
     const policy::TokenEntry* token = nullptr;
     bool needs_auth = m.outcome != Router::Outcome::found || m.route->authenticated;
     if (needs_auth) {
       // Authentication comes before routing, as in Vault: without a valid token nothing about
       // the route table is revealed.
-      token = auth_.authenticate(presented_token(request), now_seconds());
+      token = rules->authenticator.authenticate(presented_token(request), now_seconds());
       if (!token) return vault::error(403, {"permission denied"});
     }
     if (m.outcome == Router::Outcome::not_found)
@@ -149,8 +158,18 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
       while (!n.empty() && n.back() == '/') n.pop_back();
       if (!n.empty()) ctx.ns = n;
     }
+    if (!valid_namespace(ctx.ns))
+      return vault::error(400, {"invalid namespace in X-Vault-Namespace: 1 to 64 characters of [A-Za-z0-9._-]"});
     if (token && !may_use_namespace(*token, ctx.ns))
       return vault::error(403, {"permission denied: this token may not use namespace \"" + ctx.ns + "\""});
+    // The policy is checked on the request's own path before anything looks at a key, so a
+    // refusal never tells whether the key exists.
+    if (token && m.route->capability != 0) {
+      std::string policy_path = path;
+      while (!policy_path.empty() && policy_path.back() == '/') policy_path.pop_back();
+      if (!rules->policies.allows(token->policies, policy_path, static_cast<policy::Capability>(m.route->capability)))
+        return vault::error(403, {"permission denied"});
+    }
 
     json values = json::object();
     bool has_body = request.body.find_first_not_of(" \t\r\n") != std::string::npos;

@@ -7,7 +7,7 @@
 #include "api/http/types.hpp"
 #include "api/route.hpp"
 #include "keys/key_service.hpp"
-#include "policy/token_auth.hpp"
+#include "policy/access_control.hpp"
 
 namespace p11kms::api {
 
@@ -20,7 +20,7 @@ struct ApiLimits {
 
 class ApiService {
  public:
-  ApiService(keys::KeyService& keys, const policy::TokenAuthenticator& auth, ApiLimits limits,
+  ApiService(keys::KeyService& keys, const policy::AccessControl& access, ApiLimits limits,
              std::string version);
   http::Response handle(const http::Request& request);
   const Router& vault_routes() const { return vault_; }
@@ -29,7 +29,7 @@ class ApiService {
   http::Response handle_vault(const http::Request& request, const std::string& path, const std::string& request_id);
 
   keys::KeyService& keys_;
-  const policy::TokenAuthenticator& auth_;
+  const policy::AccessControl& access_;
   ApiLimits limits_;
   Router vault_;  // mounted at /v1/
 };
@@ -40,6 +40,8 @@ void add_transit_routes(Router& router);
 void add_sys_routes(Router& router, const std::string& version);
 // Markdown reference of a router's routes under a mount prefix, from the declarations.
 std::string render_route_docs(const Router& router, const std::string& mount, const std::string& prefix);
+// Markdown table of every route's policy path and capability.
+std::string render_policy_table(const Router& router, const std::string& mount);
 
 // Parses a JSON request body, refusing nesting deeper than max_depth (400 naming the limit).
 json parse_body(const std::string& body, size_t max_depth);

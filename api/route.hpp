@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "api/http/types.hpp"
+#include "policy/policy.hpp"
 #include "policy/token_auth.hpp"
 
 namespace p11kms::keys {
@@ -84,6 +85,9 @@ struct Route {
   std::vector<Field> fields;
   std::string summary;
   Callback callback;
+  // What a policy must grant on the request's path (as Vault: the path after /v1/).
+  // 0: any valid token may call it; unauthenticated routes need no token at all.
+  policy::Capabilities capability = policy::kUpdate;
   bool authenticated = true;
 };
 

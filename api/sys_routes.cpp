@@ -65,7 +65,8 @@ void add_sys_routes(Router& router, const std::string& version) {
                           {"type", "service"},
                           {"path", "auth/token/root"}};
                 return Reply{200, data};
-              }});
+              },
+              0});
 }
 
 }  // namespace p11kms::api

@@ -175,11 +175,13 @@ void add_transit_routes(Router& router) {
                 Reply r{200, key_info(result.key)};
                 if (!result.created) r.warnings.push_back("key " + result.key.name + " already existed");
                 return r;
-              }});
+              },
+              policy::kCreate});
 
   router.add({"GET", "transit/keys/:name", {name}, "Read a key's versions and configuration.",
               [](Context& ctx) {
-                auto& ks = *ctx.keys; return Reply{200, key_info(ks.read_key(key_ref(ctx)))}; }});
+                auto& ks = *ctx.keys; return Reply{200, key_info(ks.read_key(key_ref(ctx)))}; },
+              policy::kRead});
 
   router.add({"LIST", "transit/keys", {}, "List key names (also GET with ?list=true).",
               [](Context& ctx) {
@@ -187,7 +189,8 @@ void add_transit_routes(Router& router) {
                 auto names = ks.list_keys(ctx.ns);
                 if (names.empty()) return Reply{404, json{{"errors", json::array()}}, {}, true};  // as Vault
                 return Reply{200, json{{"keys", names}}};
-              }});
+              },
+              policy::kList});
 
   router.add({"DELETE", "transit/keys/:name", {name},
               "Delete a key and destroy its token objects; needs deletion_allowed.",
@@ -195,7 +198,8 @@ void add_transit_routes(Router& router) {
                 auto& ks = *ctx.keys;
                 ks.delete_key(key_ref(ctx));
                 return Reply{204};
-              }});
+              },
+              policy::kDelete});
 
   router.add({"POST", "transit/keys/:name/config",
               {name,

@@ -122,16 +122,45 @@ void parse_tokens(const YAML::Node& tokens, Config& c) {
     auto h = policy::parse_token_hash(str(t["token_sha256"], where + ".token_sha256"));
     if (!h) fail(where + ".token_sha256", "must be 64 hex characters (the SHA-256 of the token)");
     e.sha256 = *h;
-    if (t["policies"]) {
-      e.policies = string_list(t["policies"], where + ".policies");
-      for (const auto& p : e.policies)
-        if (p != "root")
-          fail(where + ".policies", "policy \"" + p + "\" is not available in this release (only the built-in root)");
-    }
+    if (t["policies"]) e.policies = string_list(t["policies"], where + ".policies");
     if (t["namespaces"]) e.namespaces = string_list(t["namespaces"], where + ".namespaces");
     if (t["expires"]) e.expires = parse_rfc3339(str(t["expires"], where + ".expires"), where + ".expires");
     if (t["cert_sha256"]) not_yet(where + ".cert_sha256", "mTLS client certificate binding");
     c.tokens.push_back(std::move(e));
+  }
+}
+
+// policies: {name: [{path, capabilities: [...]}, ...]}
+void parse_policies(const YAML::Node& node, Config& c) {
+  if (!node.IsMap()) fail("policies", "must be a mapping of policy names to lists of rules");
+  for (const auto& kv : node) {
+    std::string name = kv.first.as<std::string>();
+    std::string where = "policies." + name;
+    if (policy::is_builtin_policy(name)) fail(where, "is a built-in policy and cannot be redefined");
+    if (!kv.second.IsSequence()) fail(where, "must be a list of {path, capabilities} rules");
+    policy::Policy p{name, {}};
+    for (size_t i = 0; i < kv.second.size(); ++i) {
+      const auto& rule = kv.second[i];
+      std::string rw = where + "[" + std::to_string(i) + "]";
+      if (!rule.IsMap()) fail(rw, "must be a mapping with path and capabilities");
+      for (const auto& rk : rule) {
+        std::string k = rk.first.as<std::string>();
+        if (k != "path" && k != "capabilities") throw ConfigError("config: unknown key \"" + rw + "." + k + "\"");
+      }
+      if (!rule["path"]) fail(rw + ".path", "is required");
+      std::string path = str(rule["path"], rw + ".path");
+      if (path.empty() || path.find('*') != std::string::npos && path.find('*') != path.size() - 1)
+        fail(rw + ".path", "must be non-empty, with * only at the end");
+      if (!rule["capabilities"]) fail(rw + ".capabilities", "is required");
+      policy::Capabilities caps = 0;
+      for (const auto& cn : string_list(rule["capabilities"], rw + ".capabilities")) {
+        auto cap = policy::parse_capability(cn);
+        if (!cap) fail(rw + ".capabilities", "unknown capability \"" + cn + "\" (create, read, update, delete, list, sudo, deny)");
+        caps |= *cap;
+      }
+      p.rules.push_back({path, caps});
+    }
+    c.policies[name] = std::move(p);
   }
 }
 
@@ -191,8 +220,12 @@ Config parse_config(const std::string& text, const std::string& base_dir) {
   }
   if (c.tokens.empty()) fail("auth.tokens", "at least one token is required");
 
-  if (auto p = root["policies"]; p && !p.IsNull() && !(p.IsMap() && p.size() == 0))
-    not_yet("policies", "custom policies");
+  if (auto p = root["policies"]; p && !p.IsNull()) parse_policies(p, c);
+  for (size_t i = 0; i < c.tokens.size(); ++i)
+    for (const auto& name : c.tokens[i].policies)
+      if (!policy::is_builtin_policy(name) && !c.policies.count(name))
+        fail("auth.tokens[" + std::to_string(i) + "].policies",
+             "unknown policy \"" + name + "\" (built-in: root, kms-viewer, kms-editor, kms-admin; or define it under policies)");
   if (root["audit"]) not_yet("audit", "the audit log");
   if (root["keyring"]) not_yet("keyring", "the keyring dialect");
   if (root["jwks"]) not_yet("jwks", "the jwks dialect");
@@ -217,7 +250,9 @@ Config load_config_file(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   std::string base = fs::absolute(fs::path(path)).parent_path().string();
-  return parse_config(ss.str(), base);
+  Config c = parse_config(ss.str(), base);
+  c.source_file = fs::absolute(fs::path(path)).string();
+  return c;
 }
 
 hsm::SecretString read_secret_file(const std::string& path) {

@@ -3,11 +3,13 @@
 #pragma once
 
 #include <stdexcept>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "api/api_service.hpp"
 #include "hsm/secret.hpp"
+#include "policy/policy.hpp"
 #include "policy/token_auth.hpp"
 
 namespace p11kms::app {
@@ -31,6 +33,8 @@ struct Config {
     std::string path = "p11kms.db";  // absolute after loading
   } store;
   std::vector<policy::TokenEntry> tokens;
+  std::map<std::string, policy::Policy> policies;  // configured ones; built-ins are implied
+  std::string source_file;  // the file it came from (for reloads); empty in dev mode
   api::ApiLimits limits;
   size_t max_key_name_length = 128;
   int read_timeout_s = 30;

@@ -13,6 +13,31 @@
 
 namespace p11kms::app {
 
+namespace {
+
+// SIGHUP: tokens and policies are re-read from the config file and swapped in as one snapshot;
+// a file that no longer parses leaves the running rules untouched. Settings that need a restart
+// (listener, token, store, limits) are reported, not half-applied.
+void reload_access(const Config& running, policy::AccessControl& access) {
+  if (running.source_file.empty()) {
+    log::info("SIGHUP: dev mode has no config file to reload");
+    return;
+  }
+  try {
+    Config next = load_config_file(running.source_file);
+    access.replace(std::make_shared<policy::AccessRules>(next.tokens, next.policies));
+    log::info("SIGHUP: reloaded " + std::to_string(next.tokens.size()) + " tokens and " +
+              std::to_string(next.policies.size()) + " policies from " + running.source_file);
+    if (next.listen_address != running.listen_address || next.hsm.module != running.hsm.module ||
+        next.hsm.token_label != running.hsm.token_label || next.store.path != running.store.path)
+      log::warn("SIGHUP: listen, hsm and store settings changed in the file; they take effect at restart");
+  } catch (const std::exception& e) {
+    log::error(std::string("SIGHUP: config not reloaded, the running rules stay: ") + e.what());
+  }
+}
+
+}  // namespace
+
 int run_server(const Config& config, const std::string& banner) {
   // Block the signals before any thread starts, so only sigwait below receives them.
   sigset_t signals;
@@ -54,8 +79,8 @@ int run_server(const Config& config, const std::string& banner) {
     return 1;
   }
 
-  policy::TokenAuthenticator auth(config.tokens);
-  api::ApiService service(keys, auth, config.limits, P11KMS_VERSION);
+  policy::AccessControl access(std::make_shared<policy::AccessRules>(config.tokens, config.policies));
+  api::ApiService service(keys, access, config.limits, P11KMS_VERSION);
   api::http::ServerOptions so;
   so.address = config.listen_address;
   so.max_body_bytes = config.limits.max_body_bytes;
@@ -77,7 +102,7 @@ int run_server(const Config& config, const std::string& banner) {
     int sig = 0;
     sigwait(&signals, &sig);
     if (sig == SIGHUP) {
-      log::info("SIGHUP received; configuration reload is not available in this release");
+      reload_access(config, access);
       continue;
     }
     log::info(std::string("shutting down on ") + (sig == SIGINT ? "SIGINT" : "SIGTERM"));

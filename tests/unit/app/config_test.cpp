@@ -152,8 +152,6 @@ TEST(ParseConfig, UnavailableFeaturesRefusedNamingTheKey) {
   expect_config_error(kMinimal + "store:\n  driver: postgres\n", "store.driver");
   expect_config_error(kMinimal + "store:\n  dsn: host=db\n", "store.dsn");
   expect_config_error(kMinimal + "store:\n  password_file: /pw\n", "store.password_file");
-  expect_config_error(kMinimal + "policies:\n  ops:\n    - path: transit/*\n      capabilities: [read]\n",
-                      "policies");
   expect_config_error(kMinimal + "audit:\n  file: /var/log/audit.log\n", "audit");
   expect_config_error(kMinimal + "limits:\n  rate_limit: 100\n", "limits.rate_limit");
   expect_config_error(kMinimal + "keyring:\n  enabled: true\n", "keyring");
@@ -162,6 +160,23 @@ TEST(ParseConfig, UnavailableFeaturesRefusedNamingTheKey) {
   expect_config_error(token_with("      policies: [ops]\n"), "auth.tokens[0].policies");
   expect_config_error(token_with("      policies: [root, ops]\n"), "auth.tokens[0].policies");
   expect_config_error(token_with("      cert_sha256: " + kHash + "\n"), "auth.tokens[0].cert_sha256");
+}
+
+TEST(ParseConfig, PoliciesParsedAndTokensMayNameThem) {
+  auto c = app::parse_config(token_with("      policies: [ops, kms-viewer]\n") +
+                                 "policies:\n  ops:\n    - path: transit/encrypt/app-*\n"
+                                 "      capabilities: [update, read]\n    - path: transit/keys/+\n"
+                                 "      capabilities: [deny]\n",
+                             kBase);
+  ASSERT_EQ(c.policies.count("ops"), 1u);
+  const auto& rules = c.policies.at("ops").rules;
+  ASSERT_EQ(rules.size(), 2u);
+  EXPECT_EQ(rules[0].path, "transit/encrypt/app-*");
+  EXPECT_EQ(rules[0].capabilities, p11kms::policy::kUpdate | p11kms::policy::kRead);
+  EXPECT_EQ(rules[1].capabilities, p11kms::policy::kDeny);
+  EXPECT_EQ(c.tokens.at(0).policies, (std::vector<std::string>{"ops", "kms-viewer"}));
+  expect_config_error(kMinimal + "policies:\n  p:\n    - path: a*b\n      capabilities: [read]\n",
+                      "policies.p[0].path");
 }
 
 TEST(ParseConfig, EmptyPoliciesMappingAccepted) {
