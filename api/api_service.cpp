@@ -100,6 +100,7 @@ ApiService::ApiService(keys::KeyService& keys, const policy::AccessControl& acce
     : keys_(keys), access_(access), limits_(limits) {
   add_sys_routes(vault_, version);
   add_transit_routes(vault_);
+  if (limits_.rate_limit) rate_limiter_ = std::make_unique<policy::RateLimiter>(*limits_.rate_limit);
 }
 
 http::Response ApiService::handle(const http::Request& request) {
@@ -112,7 +113,9 @@ http::Response ApiService::handle(const http::Request& request) {
   } else if (request.body_too_large) {
     resp = vault::error(413, {"request body exceeds the limit of " + std::to_string(limits_.max_body_bytes) + " bytes"});
   } else if (request.path.rfind("/v1/", 0) == 0) {
-    resp = handle_vault(request, request.path.substr(4), request_id);
+    http::Headers extra;
+    resp = handle_vault(request, request.path.substr(4), request_id, extra);
+    resp.headers.insert(resp.headers.end(), extra.begin(), extra.end());
   } else {
     resp = vault::error(404, {"no handler for route \"" + request.path + "\""});
   }
@@ -129,7 +132,7 @@ http::Response ApiService::handle(const http::Request& request) {
 }
 
 http::Response ApiService::handle_vault(const http::Request& request, const std::string& path,
-                                        const std::string& request_id) {
+                                        const std::string& request_id, http::Headers& extra_headers) {
   try {
     // Vault treats GET ...?list=true as LIST, for clients that cannot send the LIST verb.
     std::string method = request.method;
@@ -144,6 +147,17 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
       // the route table is revealed.
       token = rules->authenticator.authenticate(presented_token(request), now_seconds());
       if (!token) return vault::error(403, {"permission denied"});
+      if (rate_limiter_) {
+        auto rl = rate_limiter_->take(token->name, std::chrono::steady_clock::now());
+        extra_headers.emplace_back("X-RateLimit-Limit", std::to_string(rl.limit));
+        extra_headers.emplace_back("X-RateLimit-Remaining", std::to_string(rl.remaining));
+        extra_headers.emplace_back("X-RateLimit-Reset", std::to_string(rl.reset_s));
+        if (!rl.allowed) {
+          extra_headers.emplace_back("Retry-After", std::to_string(rl.retry_after_s));
+          return vault::error(429, {"rate limit exceeded for this token; retry after " +
+                                    std::to_string(rl.retry_after_s) + " s"});
+        }
+      }
     }
     if (m.outcome == Router::Outcome::not_found)
       return vault::error(404, {"no handler for route \"" + path + "\": route entry not found"});

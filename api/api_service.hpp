@@ -8,6 +8,10 @@
 #include "api/route.hpp"
 #include "keys/key_service.hpp"
 #include "policy/access_control.hpp"
+#include "policy/rate_limiter.hpp"
+
+#include <memory>
+#include <optional>
 
 namespace p11kms::api {
 
@@ -16,6 +20,7 @@ struct ApiLimits {
   size_t max_header_bytes = 16384;
   size_t max_json_depth = 64;
   size_t max_batch_items = 1000;
+  std::optional<policy::RateLimit> rate_limit;  // per token; absent: no limit and no headers
 };
 
 class ApiService {
@@ -26,12 +31,14 @@ class ApiService {
   const Router& vault_routes() const { return vault_; }
 
  private:
-  http::Response handle_vault(const http::Request& request, const std::string& path, const std::string& request_id);
+  http::Response handle_vault(const http::Request& request, const std::string& path, const std::string& request_id,
+                              http::Headers& extra_headers);
 
   keys::KeyService& keys_;
   const policy::AccessControl& access_;
   ApiLimits limits_;
   Router vault_;  // mounted at /v1/
+  std::unique_ptr<policy::RateLimiter> rate_limiter_;
 };
 
 // The dialects' route tables: pure declarations (callbacks reach the service through their

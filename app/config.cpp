@@ -239,7 +239,21 @@ Config parse_config(const std::string& text, const std::string& base_dir) {
     if (l["max_header_bytes"]) c.limits.max_header_bytes = integer(l["max_header_bytes"], "limits.max_header_bytes", 1024, 1 << 20);
     if (l["max_key_name_length"]) c.max_key_name_length = integer(l["max_key_name_length"], "limits.max_key_name_length", 1, 1024);
     if (l["read_timeout_s"]) c.read_timeout_s = integer(l["read_timeout_s"], "limits.read_timeout_s", 1, 3600);
-    if (l["rate_limit"]) not_yet("limits.rate_limit", "rate limiting");
+    if (auto rl = l["rate_limit"]) {
+      if (!rl.IsMap()) fail("limits.rate_limit", "must be a mapping with requests_per_second and burst");
+      for (const auto& kv : rl) {
+        std::string k = kv.first.as<std::string>();
+        if (k != "requests_per_second" && k != "burst")
+          throw ConfigError("config: unknown key \"limits.rate_limit." + k + "\"");
+      }
+      if (!rl["requests_per_second"]) fail("limits.rate_limit.requests_per_second", "is required");
+      policy::RateLimit r;
+      r.requests_per_second =
+          static_cast<double>(integer(rl["requests_per_second"], "limits.rate_limit.requests_per_second", 1, 1000000));
+      r.burst = rl["burst"] ? static_cast<double>(integer(rl["burst"], "limits.rate_limit.burst", 1, 10000000))
+                            : r.requests_per_second;
+      c.limits.rate_limit = r;
+    }
   }
   return c;
 }
