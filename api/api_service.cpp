@@ -55,6 +55,24 @@ bool may_use_namespace(const policy::TokenEntry& t, const std::string& ns) {
   return false;
 }
 
+// Fields that carry data which must never reach the audit log in clear.
+bool is_secret_field(const std::string& name) {
+  static const char* names[] = {"plaintext", "ciphertext", "context", "nonce", "associated_data", "input",
+                                "batch_input", "batch_results", "signature", "hmac", "payload", "aad",
+                                "random_bytes", "sum"};
+  for (const char* n : names)
+    if (name == n) return true;
+  return false;
+}
+
+void collect_secrets(const json& object, std::vector<std::pair<std::string, std::string>>& out) {
+  if (!object.is_object()) return;
+  for (auto it = object.begin(); it != object.end(); ++it)
+    if (is_secret_field(it.key()) && !it->is_null())
+      out.emplace_back(it.key(), it->is_string() ? it->get<std::string>()
+                                                 : it->dump(-1, ' ', false, json::error_handler_t::replace));
+}
+
 int64_t now_seconds() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
@@ -92,6 +110,9 @@ json parse_body(const std::string& body, size_t max_depth) {
   } catch (const json::parse_error& e) {
     // nlohmann's message quotes the bytes read; keep only its position, not the client's bytes.
     throw keys::invalid("failed to parse JSON request body: malformed JSON at byte " + std::to_string(e.byte));
+  } catch (const json::exception&) {
+    // e.g. out_of_range for a number such as 1e400 (found by the fuzzer).
+    throw keys::invalid("failed to parse JSON request body: a number is out of range");
   }
 }
 
@@ -107,6 +128,11 @@ http::Response ApiService::handle(const http::Request& request) {
   auto started = std::chrono::steady_clock::now();
   std::string request_id = request_id_of(request);
   http::Response resp;
+  audit::AuditRecord record;
+  record.request_id = request_id;
+  record.ns = "root";
+  record.method = request.method;
+  record.path = request.path;
   try {
   if (request.headers_too_large) {
     resp = vault::error(431, {"request headers exceed the limit of " + std::to_string(limits_.max_header_bytes) + " bytes"});
@@ -114,7 +140,7 @@ http::Response ApiService::handle(const http::Request& request) {
     resp = vault::error(413, {"request body exceeds the limit of " + std::to_string(limits_.max_body_bytes) + " bytes"});
   } else if (request.path.rfind("/v1/", 0) == 0) {
     http::Headers extra;
-    resp = handle_vault(request, request.path.substr(4), request_id, extra);
+    resp = handle_vault(request, request.path.substr(4), request_id, extra, record);
     resp.headers.insert(resp.headers.end(), extra.begin(), extra.end());
   } else {
     resp = vault::error(404, {"no handler for route \"" + request.path + "\""});
@@ -122,6 +148,19 @@ http::Response ApiService::handle(const http::Request& request) {
   } catch (const std::exception& e) {
     log::error(std::string("unexpected error: ") + e.what(), request_id);
     resp = vault::error(500, {"internal error; see the server log for request id " + request_id});
+  }
+  if (audit_) {
+    record.status = resp.status;
+    record.latency_ms =
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count() / 1000.0;
+    try {
+      audit_->write(record);
+    } catch (const std::exception& e) {
+      log::error(std::string("audit: ") + e.what(), request_id);
+      // Fail closed: the client is not told success that the log cannot vouch for.
+      if (audit_->fail_closed() && record.capability)
+        resp = vault::error(503, {"the audit log cannot be written; request refused"});
+    }
   }
   resp.headers.emplace_back("X-Request-Id", request_id);
   resp.headers.emplace_back("Cache-Control", "no-store");
@@ -132,7 +171,8 @@ http::Response ApiService::handle(const http::Request& request) {
 }
 
 http::Response ApiService::handle_vault(const http::Request& request, const std::string& path,
-                                        const std::string& request_id, http::Headers& extra_headers) {
+                                        const std::string& request_id, http::Headers& extra_headers,
+                                        audit::AuditRecord& record) {
   try {
     // Vault treats GET ...?list=true as LIST, for clients that cannot send the LIST verb.
     std::string method = request.method;
@@ -147,6 +187,7 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
       // the route table is revealed.
       token = rules->authenticator.authenticate(presented_token(request), now_seconds());
       if (!token) return vault::error(403, {"permission denied"});
+      record.token = token->name;
       if (rate_limiter_) {
         auto rl = rate_limiter_->take(token->name, std::chrono::steady_clock::now());
         extra_headers.emplace_back("X-RateLimit-Limit", std::to_string(rl.limit));
@@ -167,11 +208,16 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
     Context ctx{request, &keys_, &limits_, request_id};
     ctx.token = token;
     ctx.params = m.params;
+    if (m.route->authenticated)
+      record.capability = m.route->capability ? policy::capability_name(static_cast<policy::Capability>(m.route->capability))
+                                              : "any";
+    if (m.params.count("name")) record.key = m.params.at("name");
     if (auto ns = request.header("X-Vault-Namespace")) {
       std::string n = *ns;
       while (!n.empty() && n.back() == '/') n.pop_back();
       if (!n.empty()) ctx.ns = n;
     }
+    record.ns = ctx.ns;
     if (!valid_namespace(ctx.ns))
       return vault::error(400, {"invalid namespace in X-Vault-Namespace: 1 to 64 characters of [A-Za-z0-9._-]"});
     if (token && !may_use_namespace(*token, ctx.ns))
@@ -195,8 +241,20 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
       if (!values.contains(k) && k != "list") values[k] = v;
     for (const auto& [k, v] : m.params) values[k] = v;
     ctx.fields = FieldData(&m.route->fields, std::move(values));
+    collect_secrets(ctx.fields.raw(), record.request_secrets);
+    if (record.key && ctx.fields.raw().contains("key_version") && ctx.fields.raw()["key_version"].is_number_integer())
+      record.key_version = ctx.fields.raw()["key_version"].get<int>();
+    // Fail closed before anything runs; health (no token, changes nothing) always answers.
+    if (audit_ && m.route->authenticated && !audit_->ready())
+      return vault::error(503, {"the audit log cannot be written; request refused"});
 
     Reply reply = m.route->callback(ctx);
+    collect_secrets(reply.data, record.response_secrets);
+    if (record.key && reply.data.is_object() && reply.data.contains("key_version") &&
+        reply.data["key_version"].is_number_integer())
+      record.key_version = reply.data["key_version"].get<int>();
+    if (record.key && !record.key_version && reply.data.is_object() && reply.data.contains("latest_version"))
+      record.key_version = reply.data["latest_version"].get<int>();
     auto unknown = ctx.fields.unknown_fields();
     if (!unknown.empty() && !reply.raw && reply.status != 204) {
       std::string w = "Endpoint ignored these unrecognized parameters: [";

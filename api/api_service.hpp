@@ -6,6 +6,7 @@
 
 #include "api/http/types.hpp"
 #include "api/route.hpp"
+#include "audit/audit_sink.hpp"
 #include "keys/key_service.hpp"
 #include "policy/access_control.hpp"
 #include "policy/rate_limiter.hpp"
@@ -28,17 +29,20 @@ class ApiService {
   ApiService(keys::KeyService& keys, const policy::AccessControl& access, ApiLimits limits,
              std::string version);
   http::Response handle(const http::Request& request);
+  // Every request is then written to this log before its response is sent (nullptr: none).
+  void set_audit(audit::AuditSink* sink) { audit_ = sink; }
   const Router& vault_routes() const { return vault_; }
 
  private:
   http::Response handle_vault(const http::Request& request, const std::string& path, const std::string& request_id,
-                              http::Headers& extra_headers);
+                              http::Headers& extra_headers, audit::AuditRecord& record);
 
   keys::KeyService& keys_;
   const policy::AccessControl& access_;
   ApiLimits limits_;
   Router vault_;  // mounted at /v1/
   std::unique_ptr<policy::RateLimiter> rate_limiter_;
+  audit::AuditSink* audit_ = nullptr;
 };
 
 // The dialects' route tables: pure declarations (callbacks reach the service through their

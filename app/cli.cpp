@@ -11,6 +11,8 @@
 
 #include "api/api_service.hpp"
 #include "app/config.hpp"
+#include "audit/audit_log.hpp"
+#include "store/metadata_store.hpp"
 #include "app/server.hpp"
 #include "common/encoding.hpp"
 #include "common/log.hpp"
@@ -35,6 +37,11 @@ Commands:
                              from P11KMS_TOKEN_LABEL (default p11kms), P11KMS_SO_PIN or
                              P11KMS_SO_PIN_FILE, P11KMS_USER_PIN or P11KMS_USER_PIN_FILE;
                              never from the command line.
+  audit verify -config FILE AUDITFILE...
+                             Check audit files (any order, rotated ones included) against
+                             the token's audit key and the store's chain head; names the first
+                             edited, inserted, dropped or reordered line as FILE:LINE.
+                             Exit 0 intact, 1 tampered, 2 usage or config error.
   docs routes                Print the HTTP route reference (Markdown) generated from the
                              route declarations (docs/api/routes.md).
   version                    Print the version.
@@ -182,6 +189,50 @@ int cmd_docs(const std::vector<std::string>& args) {
   return 0;
 }
 
+int cmd_audit(const std::vector<std::string>& args) {
+  if (args.empty() || args[0] != "verify") throw UsageError("usage: p11kms audit verify -config FILE AUDITFILE...");
+  std::string config_path;
+  std::vector<std::string> files;
+  for (size_t i = 1; i < args.size(); ++i) {
+    std::string a = args[i];
+    if (a == "-config" || a == "--config") {
+      if (i + 1 >= args.size()) throw UsageError("flag needs an argument: -config");
+      config_path = args[++i];
+    } else if (a.rfind("-config=", 0) == 0 || a.rfind("--config=", 0) == 0) {
+      config_path = a.substr(a.find('=') + 1);
+    } else if (!a.empty() && a[0] == '-') {
+      throw UsageError("flag provided but not defined: " + a);
+    } else {
+      files.push_back(a);
+    }
+  }
+  if (config_path.empty()) throw UsageError("audit verify needs -config FILE");
+  if (files.empty()) throw UsageError("audit verify needs at least one audit file");
+  Config config = load_config_file(config_path);
+  try {
+    auto store = store::open_sqlite_store(config.store.path);
+    hsm::PoolConfig pc;
+    pc.module = config.hsm.module;
+    pc.token_label = config.hsm.token_label;
+    pc.user_pin = read_pin(config.hsm);
+    pc.sessions = 1;
+    hsm::SessionPool pool(std::move(pc));
+    hsm::Token token(pool);
+    auto result = audit::verify_audit_files(files, token, *store);
+    if (result.intact) {
+      std::cout << "intact: " << result.lines << " lines" << std::endl;
+      return 0;
+    }
+    std::cout << "tampered: " << result.problem << std::endl;
+    return 1;
+  } catch (const ConfigError&) {
+    throw;
+  } catch (const std::exception& e) {
+    std::cerr << "p11kms: audit verify: " << e.what() << std::endl;
+    return 2;
+  }
+}
+
 int cmd_hsm(const std::vector<std::string>& args) {
   if (args.empty() || args[0] != "init-token") throw UsageError("usage: p11kms hsm init-token [--module M] [--force]");
   auto flags = parse_flags({args.begin() + 1, args.end()}, {{"module", true}, {"force", false}});
@@ -239,6 +290,7 @@ int run_cli(int argc, char** argv) {
     if (cmd == "token") return cmd_token(rest);
     if (cmd == "hsm") return cmd_hsm(rest);
     if (cmd == "docs") return cmd_docs(rest);
+    if (cmd == "audit") return cmd_audit(rest);
     throw UsageError("unknown command \"" + cmd + "\"");
   } catch (const UsageError& e) {
     std::cerr << "p11kms: " << e.what() << "\n\n" << kUsage;

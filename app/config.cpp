@@ -32,6 +32,7 @@ const std::map<std::string, std::set<std::string>>& known_keys() {
       {"store", {"driver", "path", "dsn", "password_file"}},
       {"auth", {"tokens"}},
       {"auth.tokens[]", {"name", "token_sha256", "policies", "namespaces", "expires", "cert_sha256"}},
+      {"audit", {"path", "fail_closed", "max_bytes"}},
       {"limits", {"max_body_bytes", "max_json_depth", "max_batch_items", "max_header_bytes",
                   "max_key_name_length", "read_timeout_s", "rate_limit"}},
   };
@@ -149,7 +150,7 @@ void parse_policies(const YAML::Node& node, Config& c) {
       }
       if (!rule["path"]) fail(rw + ".path", "is required");
       std::string path = str(rule["path"], rw + ".path");
-      if (path.empty() || path.find('*') != std::string::npos && path.find('*') != path.size() - 1)
+      if (path.empty() || (path.find('*') != std::string::npos && path.find('*') != path.size() - 1))
         fail(rw + ".path", "must be non-empty, with * only at the end");
       if (!rule["capabilities"]) fail(rw + ".capabilities", "is required");
       policy::Capabilities caps = 0;
@@ -166,7 +167,18 @@ void parse_policies(const YAML::Node& node, Config& c) {
 
 }  // namespace
 
+Config parse_config_tree(const std::string& text, const std::string& base_dir);
+
 Config parse_config(const std::string& text, const std::string& base_dir) {
+  try {
+    return parse_config_tree(text, base_dir);
+  } catch (const YAML::Exception& e) {
+    // e.g. a mapping key that is not a scalar (found by the fuzzer): still a config error.
+    throw ConfigError(std::string("config: invalid YAML: ") + e.what());
+  }
+}
+
+Config parse_config_tree(const std::string& text, const std::string& base_dir) {
   YAML::Node root;
   try {
     root = YAML::Load(text);
@@ -226,7 +238,19 @@ Config parse_config(const std::string& text, const std::string& base_dir) {
       if (!policy::is_builtin_policy(name) && !c.policies.count(name))
         fail("auth.tokens[" + std::to_string(i) + "].policies",
              "unknown policy \"" + name + "\" (built-in: root, kms-viewer, kms-editor, kms-admin; or define it under policies)");
-  if (root["audit"]) not_yet("audit", "the audit log");
+  if (auto a = root["audit"]; a && !a.IsNull()) {
+    check_keys(a, "audit", "audit");
+    if (!a["path"]) fail("audit.path", "is required when audit is configured");
+    std::string path = str(a["path"], "audit.path");
+    if (path.empty()) fail("audit.path", "must not be empty");
+    c.audit.path = absolute(path, base_dir);
+    if (a["fail_closed"]) {
+      std::string v = str(a["fail_closed"], "audit.fail_closed");
+      if (v != "true" && v != "false") fail("audit.fail_closed", "must be true or false");
+      c.audit.fail_closed = v == "true";
+    }
+    if (a["max_bytes"]) c.audit.max_bytes = static_cast<uint64_t>(integer(a["max_bytes"], "audit.max_bytes", 1024, 1LL << 40));
+  }
   if (root["keyring"]) not_yet("keyring", "the keyring dialect");
   if (root["jwks"]) not_yet("jwks", "the jwks dialect");
   if (root["byok"]) not_yet("byok", "the byok dialect");

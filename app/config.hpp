@@ -38,6 +38,11 @@ struct Config {
   api::ApiLimits limits;
   size_t max_key_name_length = 128;
   int read_timeout_s = 30;
+  struct Audit {
+    std::string path;  // absolute after loading; empty = no audit log
+    bool fail_closed = true;
+    uint64_t max_bytes = 104857600;
+  } audit;
   size_t http_threads = 40;
 };
 

@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "api/api_service.hpp"
+#include "audit/audit_log.hpp"
 #include "common/log.hpp"
 #include "hsm/token.hpp"
 #include "keys/key_service.hpp"
@@ -81,6 +82,18 @@ int run_server(const Config& config, const std::string& banner) {
 
   policy::AccessControl access(std::make_shared<policy::AccessRules>(config.tokens, config.policies));
   api::ApiService service(keys, access, config.limits, P11KMS_VERSION);
+  std::unique_ptr<audit::AuditLog> audit_log;
+  if (!config.audit.path.empty()) {
+    try {
+      audit_log = std::make_unique<audit::AuditLog>(
+          audit::AuditOptions{config.audit.path, config.audit.fail_closed, config.audit.max_bytes}, token, *store);
+    } catch (const std::exception& e) {
+      std::cerr << "p11kms: cannot start: audit log: " << e.what() << std::endl;
+      return 1;
+    }
+    service.set_audit(audit_log.get());
+    log::info("audit log: " + config.audit.path + (config.audit.fail_closed ? " (fail closed)" : " (fail open)"));
+  }
   api::http::ServerOptions so;
   so.address = config.listen_address;
   so.max_body_bytes = config.limits.max_body_bytes;

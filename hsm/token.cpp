@@ -77,6 +77,52 @@ void Token::generate_aes_key(const ObjectId& id, size_t bytes, const std::string
   if (cache_generation_ == l.generation()) cache_[cache_key(id)] = h;
 }
 
+void Token::generate_hmac_key(const ObjectId& id, size_t bytes, const std::string& label) {
+  AttributeTemplate t;
+  t.set_ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .set_ulong(CKA_KEY_TYPE, CKK_GENERIC_SECRET)
+      .set_ulong(CKA_VALUE_LEN, bytes)
+      .set(CKA_TOKEN, true)
+      .set(CKA_PRIVATE, true)
+      .set(CKA_SENSITIVE, true)
+      .set(CKA_EXTRACTABLE, false)
+      .set(CKA_MODIFIABLE, false)
+      .set(CKA_SIGN, true)
+      .set(CKA_VERIFY, true)
+      .set(CKA_ENCRYPT, false)
+      .set(CKA_DECRYPT, false)
+      .set(CKA_WRAP, false)
+      .set(CKA_UNWRAP, false)
+      .set(CKA_DERIVE, false)
+      .set_bytes(CKA_ID, id)
+      .set_string(CKA_LABEL, label);
+  CK_MECHANISM mech{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+  auto l = pool_.lease();
+  CK_OBJECT_HANDLE h = 0;
+  l.check(l.fn()->C_GenerateKey(l.session(), &mech, t.data(), t.size(), &h), "C_GenerateKey");
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  if (cache_generation_ == l.generation()) cache_[cache_key(id)] = h;
+}
+
+Bytes Token::hmac_sha256(const ObjectId& key, const uint8_t* data, size_t len) {
+  CK_MECHANISM mech{CKM_SHA256_HMAC, nullptr, 0};
+  auto l = pool_.lease();
+  for (int attempt = 0;; ++attempt) {
+    CK_OBJECT_HANDLE h = handle(l, key);
+    CK_RV rv = l.fn()->C_SignInit(l.session(), &mech, h);
+    if (is_stale_handle(rv) && attempt == 0) {
+      forget(key);
+      continue;
+    }
+    l.check(rv, "C_SignInit");
+    Bytes out(32);
+    CK_ULONG out_len = out.size();
+    l.check(l.fn()->C_Sign(l.session(), const_cast<uint8_t*>(data), len, out.data(), &out_len), "C_Sign");
+    out.resize(out_len);
+    return out;
+  }
+}
+
 std::optional<CK_OBJECT_HANDLE> Token::find(SessionPool::Lease& l, const ObjectId& id) {
   {
     std::lock_guard<std::mutex> lk(cache_mu_);
@@ -123,8 +169,11 @@ Bytes Token::aes_gcm_encrypt(const ObjectId& key, const Bytes& iv, const Bytes& 
     l.check(rv, "C_EncryptInit");
     Bytes out(len + 16);
     CK_ULONG out_len = out.size();
-    l.check(l.fn()->C_Encrypt(l.session(), const_cast<uint8_t*>(plaintext), len, out.data(), &out_len),
-            "C_Encrypt");
+    // An empty plaintext is valid (GCM gives just a tag), but modules refuse a null pointer
+    // even for zero bytes (SoftHSM: CKR_ARGUMENTS_BAD; found by the fuzzer).
+    uint8_t none = 0;
+    uint8_t* in = len ? const_cast<uint8_t*>(plaintext) : &none;
+    l.check(l.fn()->C_Encrypt(l.session(), in, len, out.data(), &out_len), "C_Encrypt");
     out.resize(out_len);
     return out;
   }

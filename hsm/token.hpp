@@ -37,6 +37,12 @@ class Token {
   // decrypt. Every boolean is set explicitly (SoftHSM turns several on by default).
   void generate_aes_key(const ObjectId& id, size_t bytes, const std::string& label);
 
+  // A persistent, private, sensitive, non-extractable generic secret usable only to compute
+  // and check HMACs (CKA_SIGN/CKA_VERIFY), e.g. the audit log's key.
+  void generate_hmac_key(const ObjectId& id, size_t bytes, const std::string& label);
+  // HMAC-SHA256 computed in the token with that key.
+  Bytes hmac_sha256(const ObjectId& key, const uint8_t* data, size_t len);
+
   // AES-GCM with a 128-bit tag; returns ciphertext || tag.
   Bytes aes_gcm_encrypt(const ObjectId& key, const Bytes& iv, const Bytes& aad,
                         const uint8_t* plaintext, size_t len);

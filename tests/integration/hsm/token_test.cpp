@@ -85,6 +85,23 @@ TEST_F(TokenTest, DestroyRemovesObjectAndListing) {
   EXPECT_THROW(ops_.aes_gcm_encrypt(a, iv, {}, iv.data(), 1), hsm::ObjectMissing);
 }
 
+TEST_F(TokenTest, HmacKeyIsNonExtractableAndMacsAreKeyed) {
+  auto id = ops_.new_object_id();
+  ops_.generate_hmac_key(id, 32, "p11kms/system/audit");
+  EXPECT_FALSE(bool_attr(pool_, id, CKA_EXTRACTABLE));
+  EXPECT_TRUE(bool_attr(pool_, id, CKA_SENSITIVE));
+  EXPECT_TRUE(bool_attr(pool_, id, CKA_SIGN));
+  for (auto a : {CKA_ENCRYPT, CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP, CKA_DERIVE}) EXPECT_FALSE(bool_attr(pool_, id, a));
+  std::string a = "line one", b = "line two";
+  auto ma = ops_.hmac_sha256(id, reinterpret_cast<const uint8_t*>(a.data()), a.size());
+  EXPECT_EQ(ma.size(), 32u);
+  EXPECT_EQ(ma, ops_.hmac_sha256(id, reinterpret_cast<const uint8_t*>(a.data()), a.size()));
+  EXPECT_NE(ma, ops_.hmac_sha256(id, reinterpret_cast<const uint8_t*>(b.data()), b.size()));
+  auto other = ops_.new_object_id();
+  ops_.generate_hmac_key(other, 32, "p11kms/system/other");
+  EXPECT_NE(ma, ops_.hmac_sha256(other, reinterpret_cast<const uint8_t*>(a.data()), a.size()));
+}
+
 TEST_F(TokenTest, RandomIsRandom) {
   auto x = ops_.random(32), y = ops_.random(32);
   EXPECT_EQ(x.size(), 32u);
