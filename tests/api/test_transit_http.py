@@ -1135,3 +1135,23 @@ def test_put_is_treated_like_post_as_vault_does(server):
     r = server.request("PUT", "/v1/transit/encrypt/" + name, json={"plaintext": b64("put")})
     assert r.status_code == 200, describe(r)
     assert decrypt(server, name, r.json()["data"]["ciphertext"]) == b"put"
+
+
+# -- regressions found by the fuzzers ---------------------------------------------------------
+
+def test_empty_plaintext_encrypts_and_decrypts_as_in_vault(server):
+    name = create_key(server)
+    r = server.request("POST", "/v1/transit/encrypt/" + name, json={"plaintext": ""})
+    assert r.status_code == 200, describe(r)
+    ct = r.json()["data"]["ciphertext"]
+    d = server.request("POST", "/v1/transit/decrypt/" + name, json={"ciphertext": ct})
+    assert d.status_code == 200, describe(d)
+    assert d.json()["data"]["plaintext"] == ""
+
+
+def test_out_of_range_number_is_a_400_not_a_500(server):
+    name = create_key(server)
+    r = server.request("POST", "/v1/transit/encrypt/" + name, data='{"plaintext":"eA==","key_version":1e400}',
+                       headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, describe(r)
+    assert "range" in errors_text(r)
