@@ -28,6 +28,7 @@ const std::map<std::string, std::set<std::string>>& known_keys() {
   static const std::map<std::string, std::set<std::string>> k = {
       {"", {"listen", "hsm", "store", "auth", "policies", "audit", "keyring", "jwks", "byok", "limits"}},
       {"listen", {"address", "tls", "threads"}},
+      {"listen.tls", {"cert_file", "key_file", "client_ca_file"}},
       {"hsm", {"module", "token_label", "pin_file", "pin_env", "sessions"}},
       {"store", {"driver", "path", "dsn", "password_file"}},
       {"auth", {"tokens"}},
@@ -126,7 +127,10 @@ void parse_tokens(const YAML::Node& tokens, Config& c) {
     if (t["policies"]) e.policies = string_list(t["policies"], where + ".policies");
     if (t["namespaces"]) e.namespaces = string_list(t["namespaces"], where + ".namespaces");
     if (t["expires"]) e.expires = parse_rfc3339(str(t["expires"], where + ".expires"), where + ".expires");
-    if (t["cert_sha256"]) not_yet(where + ".cert_sha256", "mTLS client certificate binding");
+    if (t["cert_sha256"])
+      fail(where + ".cert_sha256",
+           "binding a client certificate to a token is not available in this release: the HTTP listener "
+           "(cpprestsdk) does not expose the peer certificate to request handlers; use a token header with mTLS");
     c.tokens.push_back(std::move(e));
   }
 }
@@ -193,7 +197,14 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
     check_keys(l, "listen", "listen");
     if (l["address"]) c.listen_address = str(l["address"], "listen.address");
     if (c.listen_address.find(':') == std::string::npos) fail("listen.address", "must be host:port");
-    if (l["tls"]) not_yet("listen.tls", "TLS");
+    if (auto t = l["tls"]; t && !t.IsNull()) {
+      check_keys(t, "listen.tls", "listen.tls");
+      if (!t["cert_file"]) fail("listen.tls.cert_file", "is required for TLS");
+      if (!t["key_file"]) fail("listen.tls.key_file", "is required for TLS");
+      c.tls.cert_file = absolute(str(t["cert_file"], "listen.tls.cert_file"), base_dir);
+      c.tls.key_file = absolute(str(t["key_file"], "listen.tls.key_file"), base_dir);
+      if (t["client_ca_file"]) c.tls.client_ca_file = absolute(str(t["client_ca_file"], "listen.tls.client_ca_file"), base_dir);
+    }
     if (l["threads"]) c.http_threads = static_cast<size_t>(integer(l["threads"], "listen.threads", 2, 1024));
   }
   if (auto h = root["hsm"]) {

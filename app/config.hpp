@@ -21,6 +21,9 @@ class ConfigError : public std::runtime_error {
 
 struct Config {
   std::string listen_address = "127.0.0.1:8200";
+  struct Tls {
+    std::string cert_file, key_file, client_ca_file;  // absolute after loading; empty = no TLS
+  } tls;
   struct Hsm {
     std::string module = "/usr/lib/softhsm/libsofthsm2.so";
     std::string token_label = "p11kms";

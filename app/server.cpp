@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 
 #include "api/api_service.hpp"
@@ -15,6 +16,12 @@
 namespace p11kms::app {
 
 namespace {
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
 
 // SIGHUP: tokens and policies are re-read from the config file and swapped in as one snapshot;
 // a file that no longer parses leaves the running rules untouched. Settings that need a restart
@@ -100,6 +107,18 @@ int run_server(const Config& config, const std::string& banner) {
   so.max_header_bytes = config.limits.max_header_bytes;
   so.read_timeout_s = config.read_timeout_s;
   so.threads = config.http_threads;
+  if (!config.tls.cert_file.empty()) {
+    try {
+      api::http::TlsOptions tls;
+      tls.cert_pem = read_text_file(config.tls.cert_file);
+      tls.key_pem = read_text_file(config.tls.key_file);
+      if (!config.tls.client_ca_file.empty()) tls.client_ca_pem = read_text_file(config.tls.client_ca_file);
+      so.tls = std::move(tls);
+    } catch (const std::exception& e) {
+      std::cerr << "p11kms: cannot start: " << e.what() << std::endl;
+      return 1;
+    }
+  }
   std::unique_ptr<api::http::Server> server;
   try {
     server = api::http::start_server(so, [&service](const api::http::Request& r) { return service.handle(r); });

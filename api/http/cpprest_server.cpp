@@ -1,7 +1,9 @@
 // The cpprestsdk adapter. Handlers never block a listener thread on another task: the body is
 // read with a continuation and the handler runs inside it (cpprestsdk issues 1144/1452: a
 // .get() on a pool thread can starve the pool and hang the listener for good).
+#include <boost/asio/ssl.hpp>
 #include <cpprest/http_listener.h>
+#include <openssl/ssl.h>
 #include <pplx/threadpool.h>
 
 #include <atomic>
@@ -29,13 +31,42 @@ web::http::http_response to_cpprest(const Response& r) {
   return out;
 }
 
+// TLS 1.2 and later only; with a client CA, a verified client certificate is required. The
+// PEM text is read once at start; cpprestsdk calls this for every new connection.
+void configure_tls(boost::asio::ssl::context& ctx, const TlsOptions& tls) {
+  namespace ssl = boost::asio::ssl;
+  ctx.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
+                  ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1 | ssl::context::single_dh_use);
+  SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_2_VERSION);
+  ctx.use_certificate_chain(boost::asio::buffer(tls.cert_pem));
+  ctx.use_private_key(boost::asio::buffer(tls.key_pem), ssl::context::pem);
+  if (!tls.client_ca_pem.empty()) {
+    ctx.add_certificate_authority(boost::asio::buffer(tls.client_ca_pem));
+    ctx.set_verify_mode(ssl::verify_peer | ssl::verify_fail_if_no_peer_cert);
+  }
+}
+
 class CpprestServer : public Server {
  public:
   CpprestServer(const ServerOptions& options, Handler handler) : options_(options), handler_(std::move(handler)) {
     std::call_once(g_threadpool_once, [&] { crossplat::threadpool::initialize_with_threads(options.threads); });
     http_listener_config config;
     config.set_timeout(utility::seconds(options.read_timeout_s));
-    listener_ = std::make_unique<http_listener>(web::uri("http://" + options.address), config);
+    if (options.tls) {
+      // Fail at start, with the reason, rather than dropping every connection later.
+      try {
+        boost::asio::ssl::context probe(boost::asio::ssl::context::tls_server);
+        configure_tls(probe, *options.tls);
+        if (SSL_CTX_check_private_key(probe.native_handle()) != 1)
+          throw std::runtime_error("the private key does not match the certificate");
+      } catch (const std::exception& e) {
+        throw std::runtime_error(std::string("TLS: ") + e.what());
+      }
+      auto tls = std::make_shared<TlsOptions>(*options.tls);
+      config.set_ssl_context_callback([tls](boost::asio::ssl::context& ctx) { configure_tls(ctx, *tls); });
+    }
+    std::string scheme = options.tls ? "https://" : "http://";
+    listener_ = std::make_unique<http_listener>(web::uri(scheme + options.address), config);
     listener_->support([this](http_request req) { on_request(std::move(req)); });
     try {
       listener_->open().wait();

@@ -39,8 +39,15 @@ struct Response {
 
 using Handler = std::function<Response(const Request&)>;
 
+struct TlsOptions {
+  std::string cert_pem;       // server certificate chain (PEM)
+  std::string key_pem;        // its private key (PEM)
+  std::string client_ca_pem;  // when set: client certificates are required and verified
+};
+
 struct ServerOptions {
   std::string address = "127.0.0.1:8200";  // host:port
+  std::optional<TlsOptions> tls;           // absent: plain HTTP
   size_t max_body_bytes = 1 << 20;
   size_t max_header_bytes = 16384;
   int read_timeout_s = 30;
