@@ -208,6 +208,9 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
     Context ctx{request, &keys_, &limits_, request_id};
     ctx.token = token;
     ctx.params = m.params;
+    ctx.policies = &rules->policies;
+    ctx.path = path;
+    while (!ctx.path.empty() && ctx.path.back() == '/') ctx.path.pop_back();
     if (m.route->authenticated)
       record.capability = m.route->capability ? policy::capability_name(static_cast<policy::Capability>(m.route->capability))
                                               : "any";

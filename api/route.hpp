@@ -67,6 +67,14 @@ struct Context {
   const policy::TokenEntry* token = nullptr;
   std::map<std::string, std::string> params;  // from the URL pattern
   FieldData fields;
+  const policy::PolicySet* policies = nullptr;  // this request's snapshot
+  std::string path;                             // the policy path (after /v1/)
+
+  // For a callback whose work needs a second capability on its own path (encrypt that
+  // creates the key needs `create` too).
+  bool may(policy::Capability capability) const {
+    return token && policies && policies->allows(token->policies, path, capability);
+  }
 };
 
 // What a callback returns: a status and the dialect's payload (for Vault, the "data" object).

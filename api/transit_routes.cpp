@@ -149,6 +149,24 @@ std::string encode_as(const std::vector<uint8_t>& bytes, const std::string& form
   throw invalid("unsupported encoding format \"" + fmt + "\"; format must be \"hex\" or \"base64\"");
 }
 
+// Vault's upsert: encrypting with a key that does not exist creates it, with the request's
+// `type`. The caller needs `create` on the encrypt path as well as `update`; the refusal does
+// not say whether the key exists (a caller with update but without create on a missing key
+// gets the same 403 as any other refusal).
+void upsert_for_encrypt(Context& ctx) {
+  auto ref = key_ref(ctx);
+  if (ctx.keys->key_exists(ref)) return;
+  if (!ctx.may(policy::kCreate)) throw keys::KeyError(keys::ErrorKind::forbidden, "forbidden", "permission denied");
+  bool has_context = ctx.fields.has("context");
+  for (const auto& item : ctx.fields.get_array("batch_input"))
+    has_context = has_context || (item.is_object() && item.contains("context"));
+  if (has_context)
+    throw invalid("encryption key \"" + ref.name + "\" does not exist and would be created as a derived key "
+                  "(context given), which p11kms does not support yet; create it first");
+  std::string type = ctx.fields.has("type") ? ctx.fields.get_string("type") : "aes256-gcm96";
+  ctx.keys->create_key(ref, type);  // 400 naming the type if it cannot encrypt; creates nothing then
+}
+
 }  // namespace
 
 void add_transit_routes(Router& router) {
@@ -234,11 +252,16 @@ void add_transit_routes(Router& router) {
   crypt_fields.push_back(name);
   crypt_fields.push_back({"batch_input", FieldType::array, "Items to process, each with the single-call fields."});
   crypt_fields.push_back({"partial_failure_response_code", FieldType::integer, "Status for a partly failed batch."});
-  crypt_fields.push_back({"type", FieldType::string, "Key type when the key would be created (upsert is not supported yet)."});
+  crypt_fields.push_back({"type", FieldType::string, "Type of the key when encrypt creates it (upsert): aes256-gcm96 (default) or aes128-gcm96."});
   crypt_fields.push_back({"convergent_encryption", FieldType::boolean, "Not supported yet."});
 
-  router.add({"POST", "transit/encrypt/:name", crypt_fields, "Encrypt base64 plaintext with AES-GCM in the token.",
-              [](Context& ctx) { return single_or_batch(ctx, *ctx.keys, *ctx.limits, encrypt_one); }});
+  router.add({"POST", "transit/encrypt/:name", crypt_fields,
+              "Encrypt base64 plaintext with AES-GCM in the token; a missing key is created first (as Vault "
+              "does), which also needs create on this path.",
+              [](Context& ctx) {
+                upsert_for_encrypt(ctx);
+                return single_or_batch(ctx, *ctx.keys, *ctx.limits, encrypt_one);
+              }});
   router.add({"POST", "transit/decrypt/:name", crypt_fields, "Decrypt a vault:v<N>: ciphertext in the token.",
               [](Context& ctx) { return single_or_batch(ctx, *ctx.keys, *ctx.limits, decrypt_one); }});
   router.add({"POST", "transit/rewrap/:name", crypt_fields, "Re-encrypt a ciphertext with the latest (or given) version.",

@@ -166,8 +166,9 @@ int cmd_docs(const std::vector<std::string>& args) {
               << "matching path decides (an exact path beats a wildcard, a later first wildcard beats an\n"
               << "earlier one, no trailing `*` beats one, fewer `+` beat more, longer beats shorter); `deny`\n"
               << "on it refuses everything. `LIST transit/keys` and `GET transit/keys?list=true` are both\n"
-              << "`list` on `transit/keys`. Refusals are 403 `permission denied`, before any key is looked\n"
-              << "up, so they never tell whether a key exists.\n\n"
+              << "`list` on `transit/keys`. An encrypt that would create its key (Vault's upsert) also needs\n"
+              << "`create` on `transit/encrypt/<name>`. Refusals are 403 `permission denied`, before any key\n"
+              << "is looked up, so they never tell whether a key exists.\n\n"
               << "## Routes\n\n"
               << api::render_policy_table(router, "/v1/")
               << "\n## Built-in policies\n\n";

@@ -168,6 +168,10 @@ store::KeyRecord KeyService::read_key(const KeyRef& ref) {
   return guarded([&] { return load_existing(ref)->record(); });
 }
 
+bool KeyService::key_exists(const KeyRef& ref) {
+  return guarded([&] { return load(ref) != nullptr; });
+}
+
 std::vector<std::string> KeyService::list_keys(const std::string& ns) {
   return guarded([&] { return store_.list_keys(ns); });
 }

@@ -63,6 +63,7 @@ class KeyService {
 
   CreateResult create_key(const KeyRef& ref, const std::string& type);
   store::KeyRecord read_key(const KeyRef& ref);
+  bool key_exists(const KeyRef& ref);
   std::vector<std::string> list_keys(const std::string& ns);
   store::KeyRecord configure_key(const KeyRef& ref, const KeyConfigChange& change);
   store::KeyRecord rotate_key(const KeyRef& ref);

@@ -557,10 +557,32 @@ def test_encrypt_non_base64_plaintext_is_400(server, bad):
     assert_error(r, 400, "plaintext")
 
 
-def test_encrypt_unknown_key_is_400_naming_key_and_creates_nothing(server):
-    name = unique_name("nokey")
+def test_encrypt_unknown_key_creates_it_as_vault_does(server):
+    name = unique_name("upsert")
     r = server.request("POST", "/v1/transit/encrypt/" + name, json={"plaintext": b64("x")})
-    assert_error(r, 400, name)
+    assert r.status_code == 200, describe(r)
+    assert r.json()["data"]["ciphertext"].startswith("vault:v1:")
+    info = server.request("GET", "/v1/transit/keys/" + name).json()["data"]
+    assert info["type"] == "aes256-gcm96" and info["latest_version"] == 1
+    named = unique_name("upsert128")
+    r = server.request("POST", "/v1/transit/encrypt/" + named, json={"plaintext": b64("x"), "type": "aes128-gcm96"})
+    assert r.status_code == 200, describe(r)
+    assert server.request("GET", "/v1/transit/keys/" + named).json()["data"]["type"] == "aes128-gcm96"
+    batch = unique_name("upsertbatch")
+    r = server.request("POST", "/v1/transit/encrypt/" + batch, json={"batch_input": [{"plaintext": b64("a")}]})
+    assert r.status_code == 200, describe(r)
+    assert batch in list_keys(server)
+
+
+@pytest.mark.parametrize("body,word", [
+    ({"plaintext": "eA==", "type": "rsa-2048"}, "type"),
+    ({"plaintext": "eA==", "type": "no-such-type"}, "type"),
+    ({"plaintext": "eA==", "context": "Y3R4"}, "context"),
+])
+def test_encrypt_upsert_that_cannot_create_is_400_and_creates_nothing(server, body, word):
+    name = unique_name("noupsert")
+    r = server.request("POST", "/v1/transit/encrypt/" + name, json=body)
+    assert_error(r, 400, word)
     assert server.request("GET", "/v1/transit/keys/" + name).status_code == 404
     assert name not in list_keys(server)
 

@@ -226,10 +226,20 @@ def test_decrypt_garbage_raises_invalid_request(transit):
     assert "ciphertext" in str(ei.value).lower()
 
 
-def test_encrypt_unknown_key_raises_invalid_request(transit):
+def test_encrypt_on_a_missing_key_creates_it_like_vault(transit):
+    name = unique_name("upsert")
+    with pytest.raises(hvac_exc.InvalidPath):
+        transit.read_key(name=name)
+    ct = transit.encrypt_data(name=name, plaintext=b64("x"))["data"]["ciphertext"]
+    assert ct.startswith("vault:v1:")
+    assert transit.read_key(name=name)["data"]["type"] == "aes256-gcm96"
+    assert transit.decrypt_data(name=name, ciphertext=ct)["data"]["plaintext"] == b64("x")
+
+
+def test_decrypt_with_a_missing_key_raises_invalid_request(transit):
     name = unique_name("missing")
     with pytest.raises(hvac_exc.InvalidRequest) as ei:
-        transit.encrypt_data(name=name, plaintext=b64("x"))
+        transit.decrypt_data(name=name, ciphertext="vault:v1:" + b64("x" * 40))
     assert name in str(ei.value)
     with pytest.raises(hvac_exc.InvalidPath):
         transit.read_key(name=name)

@@ -40,6 +40,8 @@ policies:
   creator:
     - path: transit/keys/app-*
       capabilities: [create]
+    - path: transit/encrypt/up-*
+      capabilities: [create, update]
 %s"""
 
 ROTATE_GRANT = """  rotator:
@@ -158,6 +160,16 @@ def test_create_capability_on_the_key_path(env):
     r = call(env, "creator", "POST", "/v1/transit/keys/app-made", {})
     assert r.status_code == 200, r.text
     assert call(env, "creator", "POST", "/v1/transit/keys/not-app", {}).status_code == 403
+
+
+def test_encrypt_that_would_create_the_key_also_needs_create(env):
+    # update alone: an existing key encrypts, a missing one is refused and not created.
+    r = encrypt(env, "app", "app-brand-new")
+    assert r.status_code == 403 and r.json() == {"errors": ["permission denied"]}
+    assert call(env, "root", "GET", "/v1/transit/keys/app-brand-new").status_code == 404
+    # create + update on the encrypt path: the key is created on first use (Vault's upsert).
+    assert encrypt(env, "creator", "up-new").status_code == 200
+    assert call(env, "root", "GET", "/v1/transit/keys/up-new").status_code == 200
 
 
 def test_namespaces_isolate_keys_and_tokens(env):
