@@ -3,6 +3,7 @@
 #include <openssl/rand.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <chrono>
 
 #include "api/vault_shape.hpp"
@@ -19,6 +20,22 @@ std::string new_request_id() {
   b[8] = (b[8] & 0x3f) | 0x80;
   std::string h = encoding::hex_encode(b, sizeof b);
   return h.substr(0, 8) + "-" + h.substr(8, 4) + "-" + h.substr(12, 4) + "-" + h.substr(16, 4) + "-" + h.substr(20);
+}
+
+// Client-controlled text in a log line: control characters (a decoded %0A could forge a line)
+// are shown escaped.
+std::string printable(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
 }
 
 // A client's id is echoed only if it is a sane token (no header injection, bounded length).
@@ -134,17 +151,17 @@ http::Response ApiService::handle(const http::Request& request) {
   record.method = request.method;
   record.path = request.path;
   try {
-  if (request.headers_too_large) {
-    resp = vault::error(431, {"request headers exceed the limit of " + std::to_string(limits_.max_header_bytes) + " bytes"});
-  } else if (request.body_too_large) {
-    resp = vault::error(413, {"request body exceeds the limit of " + std::to_string(limits_.max_body_bytes) + " bytes"});
-  } else if (request.path.rfind("/v1/", 0) == 0) {
-    http::Headers extra;
-    resp = handle_vault(request, request.path.substr(4), request_id, extra, record);
-    resp.headers.insert(resp.headers.end(), extra.begin(), extra.end());
-  } else {
-    resp = vault::error(404, {"no handler for route \"" + request.path + "\""});
-  }
+    if (request.headers_too_large) {
+      resp = vault::error(431, {"request headers exceed the limit of " + std::to_string(limits_.max_header_bytes) + " bytes"});
+    } else if (request.body_too_large) {
+      resp = vault::error(413, {"request body exceeds the limit of " + std::to_string(limits_.max_body_bytes) + " bytes"});
+    } else if (request.path.rfind("/v1/", 0) == 0) {
+      http::Headers extra;
+      resp = handle_vault(request, request.path.substr(4), request_id, extra, record);
+      resp.headers.insert(resp.headers.end(), extra.begin(), extra.end());
+    } else {
+      resp = vault::error(404, {"no handler for route \"" + request.path + "\""});
+    }
   } catch (const std::exception& e) {
     log::error(std::string("unexpected error: ") + e.what(), request_id);
     resp = vault::error(500, {"internal error; see the server log for request id " + request_id});
@@ -165,7 +182,8 @@ http::Response ApiService::handle(const http::Request& request) {
   resp.headers.emplace_back("X-Request-Id", request_id);
   resp.headers.emplace_back("Cache-Control", "no-store");
   auto ms = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count() / 1000.0;
-  log::info(request.method + " " + request.path + " " + std::to_string(resp.status) + " " + std::to_string(ms) + "ms",
+  log::info(printable(request.method) + " " + printable(request.path) + " " + std::to_string(resp.status) + " " +
+                std::to_string(ms) + "ms",
             request_id);
   return resp;
 }

@@ -97,3 +97,14 @@ def test_body_over_the_limit_is_413_and_creates_nothing(server):
     assert r.status_code == 413, describe(r)
     assert "1048576" in " ".join(r.json()["errors"])
     assert server.request("GET", "/v1/transit/keys/never-created").status_code == 404
+
+
+def test_a_path_cannot_forge_server_log_lines(server):
+    forged = "2026-01-01T00:00:00.000Z [info] FORGED-LINE"
+    r = requests.get(server.url + "/v1/transit/keys/x%0A" + forged.replace(" ", "%20"),
+                     headers={"X-Vault-Token": server.token}, timeout=15)
+    assert r.status_code in (400, 404), describe(r)
+    log = server.log()
+    assert "FORGED-LINE" in log  # the request was logged ...
+    assert ("\n" + forged) not in log  # ... but not as a line of its own
+    assert "\\x0a" in log
