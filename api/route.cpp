@@ -1,5 +1,7 @@
 #include "api/route.hpp"
 
+#include <cmath>
+
 #include "keys/errors.hpp"
 
 namespace p11kms::api {
@@ -93,8 +95,10 @@ int64_t FieldData::get_int(const std::string& name) const {
   if (!v) return 0;
   if (v->is_number_integer()) return v->get<int64_t>();
   if (v->is_number_float()) {
+    // Range first: casting an out-of-range double to an integer is undefined (found by the
+    // fuzzer under UBSan with 1e300).
     double d = v->get<double>();
-    if (d == static_cast<double>(static_cast<int64_t>(d))) return static_cast<int64_t>(d);
+    if (d >= -9.0e18 && d <= 9.0e18 && d == std::floor(d)) return static_cast<int64_t>(d);
   }
   if (v->is_string()) {
     const auto& s = v->get_ref<const std::string&>();

@@ -1,0 +1,109 @@
+"""scripts/bench --quick, the benchmark's smoke mode, so that the benchmark cannot rot.
+
+It builds Release in P11KMS_BENCH_BUILD_DIR (default <repo>/build-bench, reused between runs),
+runs the token benchmark and a few one-second wrk runs against its own dev server, and prints
+the table. This test checks the table's shape and that every number in it is a positive number;
+it never asserts a timing (benchmarks report numbers, tests assert behaviour).
+"""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SOURCE_DIR = Path(os.environ.get("P11KMS_SOURCE_DIR") or Path(__file__).resolve().parents[2])
+SCRIPT = SOURCE_DIR / "scripts" / "bench"
+TIMEOUT = 840  # under ctest's 900: the first run builds Release from scratch
+
+IMPLEMENTED = ["encrypt 32 B", "decrypt 32 B", "batch encrypt 100", "batch encrypt 1000", "datakey 256"]
+NOT_YET = ["hmac", "sign ecdsa-p256", "sign ed25519", "sign rsa-2048", "kms wrap", "kms unwrap"]
+NUMERIC = ["H req/s", "H items/s", "p50 ms", "p99 ms", "R items/s", "F req/s", "H/F", "H/R",
+           "roofline items/s", "H/roofline"]
+
+
+def number(cell):
+    """'12,345' -> 12345.0, '83%' -> 83.0, '1.5 MiB' -> 1.5; None when the cell is no number."""
+    m = re.fullmatch(r"[+-]?[\d,]*\.?\d+", cell.strip().replace(" MiB", "").replace(" s", "")
+                     .replace(" ms", "").replace(" KiB", "").rstrip("%"))
+    return float(m.group(0).replace(",", "")) if m else None
+
+
+def tables(text):
+    """Every markdown table in text: a list of (header cells, [row cells, ...])."""
+    out, current = [], None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if current is None:
+                current = (cells, [])
+                out.append(current)
+            elif not all(set(c) <= set("-:") for c in cells):
+                current[1].append(cells)
+        else:
+            current = None
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench-tmp")
+    env = dict(os.environ, TMPDIR=str(tmp))
+    env.setdefault("P11KMS_BENCH_BUILD_DIR", str(SOURCE_DIR / "build-bench"))
+    proc = subprocess.run([str(SCRIPT), "--quick"], cwd=str(SOURCE_DIR), env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, "scripts/bench --quick failed:\n%s\n%s" % (
+        proc.stdout[-4000:], proc.stderr[-4000:])
+    return proc, tmp
+
+
+def test_main_table_has_a_row_per_implemented_operation_with_positive_numbers(run):
+    proc, _ = run
+    header, rows = tables(proc.stdout)[0]
+    assert header[:2] == ["operation", "c"], header
+    by_op = {}
+    for r in rows:
+        by_op.setdefault(r[0], []).append(dict(zip(header, r)))
+    for op in IMPLEMENTED:
+        assert op in by_op, "no row for %r in:\n%s" % (op, proc.stdout)
+        for row in by_op[op]:
+            for col in NUMERIC:
+                v = number(row[col])
+                assert v is not None and v > 0, "%s c%s: %s = %r" % (op, row["c"], col, row[col])
+            assert row["errors"] == "0", "%s c%s had failed requests: %r" % (op, row["c"], row["errors"])
+    floor = by_op.get("floor (lookup-self)")
+    assert floor, proc.stdout
+    assert all(number(r["F req/s"]) > 0 and r["errors"] == "0" for r in floor), floor
+
+
+def test_operations_not_built_yet_are_listed_as_such(run):
+    proc, _ = run
+    header, rows = tables(proc.stdout)[0]
+    cells = {r[0]: r for r in rows}
+    for op in NOT_YET:
+        assert op in cells and "not implemented yet" in cells[op], "%r missing from:\n%s" % (op, proc.stdout)
+
+
+def test_token_rates_and_memory_and_scale_are_positive_numbers(run):
+    proc, _ = run
+    found = {t[0][0]: t for t in tables(proc.stdout)}
+    _, token_rows = found["token (R, direct through hsm/)"]
+    names = {r[0] for r in token_rows}
+    assert {"token/encrypt32", "token/decrypt32", "token/random32", "token/datakey256"} <= names
+    for r in token_rows:
+        assert number(r[1]) > 0 and number(r[2]) > 0, r
+    _, facts = found["memory and scale"]
+    assert len(facts) >= 8, facts
+    for name, value in facts:
+        if name.startswith("RSS growth"):
+            continue  # may be zero or negative: the process gives memory back
+        # the values' numbers, not a change in parentheses nor digits inside words ("batch1000 c1")
+        nums = [float(n.replace(",", "")) for n in re.findall(r"(?<![\w.,])\d[\d,]*(?:\.\d+)?",
+                                                              re.sub(r"\([^)]*\)", "", value))]
+        assert nums and all(n > 0 for n in nums), (name, value)
+
+
+def test_leaves_nothing_behind(run):
+    _, tmp = run
+    assert list(tmp.iterdir()) == [], "scripts/bench left %s" % list(tmp.iterdir())
