@@ -3,6 +3,8 @@
 #include "common/encoding.hpp"
 #include "hsm/attributes.hpp"
 
+#include <algorithm>
+
 namespace p11kms::hsm {
 namespace {
 
@@ -50,26 +52,30 @@ SecureBytes Token::random_secret(size_t n) {
   return out;
 }
 
-void Token::generate_aes_key(const ObjectId& id, size_t bytes, const std::string& label) {
+// Every secret key the service keeps on the token: persistent, private, sensitive,
+// non-extractable and unmodifiable, with every usage boolean set explicitly (SoftHSM turns
+// several on by default) and only the given ones true.
+static AttributeTemplate secret_key_template(CK_KEY_TYPE type, size_t bytes, const ObjectId& id, const std::string& label,
+                                      std::initializer_list<CK_ATTRIBUTE_TYPE> usages) {
   AttributeTemplate t;
   t.set_ulong(CKA_CLASS, CKO_SECRET_KEY)
-      .set_ulong(CKA_KEY_TYPE, CKK_AES)
+      .set_ulong(CKA_KEY_TYPE, type)
       .set_ulong(CKA_VALUE_LEN, bytes)
       .set(CKA_TOKEN, true)
       .set(CKA_PRIVATE, true)
       .set(CKA_SENSITIVE, true)
       .set(CKA_EXTRACTABLE, false)
-      .set(CKA_MODIFIABLE, false)
-      .set(CKA_ENCRYPT, true)
-      .set(CKA_DECRYPT, true)
-      .set(CKA_WRAP, false)
-      .set(CKA_UNWRAP, false)
-      .set(CKA_SIGN, false)
-      .set(CKA_VERIFY, false)
-      .set(CKA_DERIVE, false)
-      .set_bytes(CKA_ID, id)
-      .set_string(CKA_LABEL, label);
-  CK_MECHANISM mech{CKM_AES_KEY_GEN, nullptr, 0};
+      .set(CKA_MODIFIABLE, false);
+  for (CK_ATTRIBUTE_TYPE usage : {CKA_ENCRYPT, CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE}) {
+    bool on = std::find(usages.begin(), usages.end(), usage) != usages.end();
+    t.set(usage, on);
+  }
+  t.set_bytes(CKA_ID, id).set_string(CKA_LABEL, label);
+  return t;
+}
+
+void Token::generate_secret(CK_MECHANISM_TYPE mechanism, AttributeTemplate& t, const ObjectId& id) {
+  CK_MECHANISM mech{mechanism, nullptr, 0};
   auto l = pool_.lease();
   CK_OBJECT_HANDLE h = 0;
   l.check(l.fn()->C_GenerateKey(l.session(), &mech, t.data(), t.size(), &h), "C_GenerateKey");
@@ -77,31 +83,14 @@ void Token::generate_aes_key(const ObjectId& id, size_t bytes, const std::string
   if (cache_generation_ == l.generation()) cache_[cache_key(id)] = h;
 }
 
+void Token::generate_aes_key(const ObjectId& id, size_t bytes, const std::string& label) {
+  auto t = secret_key_template(CKK_AES, bytes, id, label, {CKA_ENCRYPT, CKA_DECRYPT});
+  generate_secret(CKM_AES_KEY_GEN, t, id);
+}
+
 void Token::generate_hmac_key(const ObjectId& id, size_t bytes, const std::string& label) {
-  AttributeTemplate t;
-  t.set_ulong(CKA_CLASS, CKO_SECRET_KEY)
-      .set_ulong(CKA_KEY_TYPE, CKK_GENERIC_SECRET)
-      .set_ulong(CKA_VALUE_LEN, bytes)
-      .set(CKA_TOKEN, true)
-      .set(CKA_PRIVATE, true)
-      .set(CKA_SENSITIVE, true)
-      .set(CKA_EXTRACTABLE, false)
-      .set(CKA_MODIFIABLE, false)
-      .set(CKA_SIGN, true)
-      .set(CKA_VERIFY, true)
-      .set(CKA_ENCRYPT, false)
-      .set(CKA_DECRYPT, false)
-      .set(CKA_WRAP, false)
-      .set(CKA_UNWRAP, false)
-      .set(CKA_DERIVE, false)
-      .set_bytes(CKA_ID, id)
-      .set_string(CKA_LABEL, label);
-  CK_MECHANISM mech{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
-  auto l = pool_.lease();
-  CK_OBJECT_HANDLE h = 0;
-  l.check(l.fn()->C_GenerateKey(l.session(), &mech, t.data(), t.size(), &h), "C_GenerateKey");
-  std::lock_guard<std::mutex> lk(cache_mu_);
-  if (cache_generation_ == l.generation()) cache_[cache_key(id)] = h;
+  auto t = secret_key_template(CKK_GENERIC_SECRET, bytes, id, label, {CKA_SIGN, CKA_VERIFY});
+  generate_secret(CKM_GENERIC_SECRET_KEY_GEN, t, id);
 }
 
 Bytes Token::hmac_sha256(const ObjectId& key, const uint8_t* data, size_t len) {

@@ -62,6 +62,7 @@ class Token {
   bool supports_aes_gcm() const { return has_mechanism(CKM_AES_GCM) && has_mechanism(CKM_AES_KEY_GEN); }
 
  private:
+  void generate_secret(CK_MECHANISM_TYPE mechanism, class AttributeTemplate& t, const ObjectId& id);
   std::optional<CK_OBJECT_HANDLE> find(SessionPool::Lease& lease, const ObjectId& id);
   CK_OBJECT_HANDLE handle(SessionPool::Lease& lease, const ObjectId& id);  // throws ObjectMissing
   void forget(const ObjectId& id);
