@@ -141,7 +141,23 @@ ApiService::ApiService(keys::KeyService& keys, const policy::AccessControl& acce
   if (limits_.rate_limit) rate_limiter_ = std::make_unique<policy::RateLimiter>(*limits_.rate_limit);
 }
 
+bool ApiService::drain(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lk(inflight_mu_);
+  return inflight_cv_.wait_for(lk, timeout, [&] { return inflight_ == 0; });
+}
+
 http::Response ApiService::handle(const http::Request& request) {
+  {
+    std::lock_guard<std::mutex> lk(inflight_mu_);
+    ++inflight_;
+  }
+  struct InflightGuard {
+    ApiService* self;
+    ~InflightGuard() {
+      std::lock_guard<std::mutex> lk(self->inflight_mu_);
+      if (--self->inflight_ == 0) self->inflight_cv_.notify_all();
+    }
+  } guard{this};
   auto started = std::chrono::steady_clock::now();
   std::string request_id = request_id_of(request);
   http::Response resp;

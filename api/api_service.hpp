@@ -11,7 +11,10 @@
 #include "policy/access_control.hpp"
 #include "policy/rate_limiter.hpp"
 
+#include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <optional>
 
 namespace p11kms::api {
@@ -31,6 +34,9 @@ class ApiService {
   http::Response handle(const http::Request& request);
   // Every request is then written to this log before its response is sent (nullptr: none).
   void set_audit(audit::AuditSink* sink) { audit_ = sink; }
+  // After the listener stopped accepting: waits until no request is being handled (or the
+  // timeout passes), so nothing it uses (token sessions, store) is torn down under it.
+  bool drain(std::chrono::milliseconds timeout);
   const Router& vault_routes() const { return vault_; }
 
  private:
@@ -43,6 +49,9 @@ class ApiService {
   Router vault_;  // mounted at /v1/
   std::unique_ptr<policy::RateLimiter> rate_limiter_;
   audit::AuditSink* audit_ = nullptr;
+  std::mutex inflight_mu_;
+  std::condition_variable inflight_cv_;
+  size_t inflight_ = 0;
 };
 
 // The dialects' route tables: pure declarations (callbacks reach the service through their

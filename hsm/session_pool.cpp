@@ -1,5 +1,7 @@
 #include "hsm/session_pool.hpp"
 
+#include <algorithm>
+
 #include "common/log.hpp"
 
 namespace p11kms::hsm {
@@ -121,7 +123,30 @@ void SessionPool::try_reconnect(std::unique_lock<std::mutex>& lk) {
   cv_.notify_all();
 }
 
-void SessionPool::release(CK_SESSION_HANDLE s, uint64_t gen, bool broken) {
+void SessionPool::release(CK_SESSION_HANDLE s, uint64_t gen, bool broken, bool discard) {
+  if (discard && !broken) {
+    // Open the replacement before closing the old one: closing a process's last session
+    // would log it out.
+    CK_SESSION_HANDLE fresh = 0;
+    CK_RV rv = module_->fn()->C_OpenSession(slot(), CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &fresh);
+    module_->fn()->C_CloseSession(s);
+    std::lock_guard<std::mutex> lk(mu_);
+    --in_use_;
+    std::replace(opened_.begin(), opened_.end(), s, rv == CKR_OK ? fresh : s);
+    if (rv != CKR_OK) {
+      opened_.erase(std::remove(opened_.begin(), opened_.end(), s), opened_.end());
+      if (connected_ && gen == generation_) {  // a smaller pool could starve: reconnect instead
+        connected_ = false;
+        free_.clear();
+        last_error_ = std::string("C_OpenSession: ") + rv_name(rv);
+        next_attempt_ = std::chrono::steady_clock::now();
+      }
+    } else if (connected_ && gen == generation_) {
+      free_.push_back(fresh);
+    }
+    cv_.notify_all();
+    return;
+  }
   std::lock_guard<std::mutex> lk(mu_);
   --in_use_;
   if (connected_ && gen == generation_ && !broken) free_.push_back(s);
@@ -167,12 +192,12 @@ CK_SLOT_ID SessionPool::slot() {
 }
 
 SessionPool::Lease::Lease(Lease&& o) noexcept
-    : pool_(o.pool_), session_(o.session_), generation_(o.generation_), broken_(o.broken_) {
+    : pool_(o.pool_), session_(o.session_), generation_(o.generation_), broken_(o.broken_), discard_(o.discard_) {
   o.pool_ = nullptr;
 }
 
 SessionPool::Lease::~Lease() {
-  if (pool_) pool_->release(session_, generation_, broken_);
+  if (pool_) pool_->release(session_, generation_, broken_, discard_);
 }
 
 void SessionPool::Lease::check(CK_RV rv, const char* function) {

@@ -56,6 +56,9 @@ class SessionPool {
     // Throws for rv != CKR_OK: TokenUnavailable (and the pool reconnects) for connection-class
     // failures, Pkcs11Error otherwise.
     void check(CK_RV rv, const char* function);
+    // The session may hold an operation the module left active (a call failed after its
+    // C_*Init): it is closed and replaced on release instead of being reused.
+    void discard() { discard_ = true; }
 
    private:
     friend class SessionPool;
@@ -64,6 +67,7 @@ class SessionPool {
     CK_SESSION_HANDLE session_;
     uint64_t generation_;
     bool broken_ = false;
+    bool discard_ = false;
   };
 
   // Waits for a free session; throws TokenUnavailable while the token cannot be reached.
@@ -81,7 +85,7 @@ class SessionPool {
 
  private:
   void connect();  // module init, find token, open sessions, login; mu_ NOT held
-  void release(CK_SESSION_HANDLE s, uint64_t gen, bool broken);
+  void release(CK_SESSION_HANDLE s, uint64_t gen, bool broken, bool discard);
   void mark_broken(uint64_t gen, const std::string& why);
   void try_reconnect(std::unique_lock<std::mutex>& lk);
 

@@ -106,7 +106,9 @@ Bytes Token::hmac_sha256(const ObjectId& key, const uint8_t* data, size_t len) {
     l.check(rv, "C_SignInit");
     Bytes out(32);
     CK_ULONG out_len = out.size();
-    l.check(l.fn()->C_Sign(l.session(), const_cast<uint8_t*>(data), len, out.data(), &out_len), "C_Sign");
+    rv = l.fn()->C_Sign(l.session(), const_cast<uint8_t*>(data), len, out.data(), &out_len);
+    if (rv != CKR_OK) l.discard();
+    l.check(rv, "C_Sign");
     out.resize(out_len);
     return out;
   }
@@ -162,7 +164,9 @@ Bytes Token::aes_gcm_encrypt(const ObjectId& key, const Bytes& iv, const Bytes& 
     // even for zero bytes (SoftHSM: CKR_ARGUMENTS_BAD; found by the fuzzer).
     uint8_t none = 0;
     uint8_t* in = len ? const_cast<uint8_t*>(plaintext) : &none;
-    l.check(l.fn()->C_Encrypt(l.session(), in, len, out.data(), &out_len), "C_Encrypt");
+    rv = l.fn()->C_Encrypt(l.session(), in, len, out.data(), &out_len);
+    if (rv != CKR_OK) l.discard();  // SoftHSM may leave the operation active (seen with ARGUMENTS_BAD)
+    l.check(rv, "C_Encrypt");
     out.resize(out_len);
     return out;
   }
@@ -191,6 +195,7 @@ std::optional<SecureBytes> Token::aes_gcm_decrypt(const ObjectId& key, const Byt
     if (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE || rv == CKR_DATA_INVALID ||
         rv == CKR_FUNCTION_FAILED || rv == CKR_GENERAL_ERROR)
       return std::nullopt;
+    if (rv != CKR_OK) l.discard();
     l.check(rv, "C_Decrypt");
     out.shrink(out_len);
     return out;

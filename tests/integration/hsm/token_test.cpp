@@ -164,6 +164,40 @@ TEST(TokenAdminTest, InitIsIdempotentAndChecksThePin) {
   EXPECT_EQ(hsm::init_token(r), hsm::InitResult::already_initialized);  // new user PIN set
 }
 
+TEST(SessionPoolTest, ASessionLeftMidOperationIsReplacedNotReused) {
+  test_support::TempToken token("discard-test");
+  hsm::SessionPool pool(token.pool_config(1));  // one session: the replacement must stay logged in
+  hsm::Token ops(pool);
+  auto id = ops.new_object_id();
+  ops.generate_aes_key(id, 32, "p11kms/root/d/v1");
+  hsm::Bytes iv(12, 3);
+  {
+    auto l = pool.lease();
+    hsm::AttributeTemplate t;
+    t.set_bytes(CKA_ID, id);
+    CK_OBJECT_HANDLE h = 0;
+    CK_ULONG n = 0;
+    l.check(l.fn()->C_FindObjectsInit(l.session(), t.data(), t.size()), "init");
+    l.check(l.fn()->C_FindObjects(l.session(), &h, 1, &n), "find");
+    l.fn()->C_FindObjectsFinal(l.session());
+    CK_GCM_PARAMS p{iv.data(), 12, 96, nullptr, 0, 128};
+    CK_MECHANISM m{CKM_AES_GCM, &p, sizeof p};
+    ASSERT_EQ(l.fn()->C_EncryptInit(l.session(), &m, h), CKR_OK);
+    unsigned char out[32];
+    CK_ULONG out_len = sizeof out;
+    // SoftHSM 2.6.1 answers a NULL input with CKR_ARGUMENTS_BAD and keeps the operation active.
+    EXPECT_EQ(l.fn()->C_Encrypt(l.session(), nullptr, 0, out, &out_len), CKR_ARGUMENTS_BAD);
+    EXPECT_EQ(l.fn()->C_EncryptInit(l.session(), &m, h), CKR_OPERATION_ACTIVE);
+    l.discard();
+  }
+  auto ct = ops.aes_gcm_encrypt(id, iv, {}, iv.data(), iv.size());
+  auto pt = ops.aes_gcm_decrypt(id, iv, {}, ct.data(), ct.size());
+  ASSERT_TRUE(pt.has_value());
+  EXPECT_EQ(pt->size(), 12u);
+  EXPECT_TRUE(pool.status().reachable);
+  EXPECT_EQ(pool.status().sessions_in_use, 0u);
+}
+
 TEST(SessionPoolTest, UnknownTokenLabelIsAClearError) {
   test_support::TempToken token("present");
   auto cfg = token.pool_config();
