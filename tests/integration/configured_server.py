@@ -110,6 +110,24 @@ def config_text(port, module, label, api_token_sha256, pin_file="user.pin",
     ) % (port, module, label, pin_file, sessions, store_path, api_token_sha256)
 
 
+def configured(root, tokens, extra_yaml=""):
+    """A SoftHSM token in root, a config file with those API tokens ([(name, secret), ...], each
+    with policies [root]) plus extra_yaml, and a ConfiguredServer for it (not started).
+    Returns (server, config_path, soft_token)."""
+    token = SoftToken(root).init()
+    token.write_pin_file(os.path.join(root, "user.pin"))
+    port = free_port()
+    path = os.path.join(root, "p11kms.yaml")
+    lines = "".join("    - {name: %s, token_sha256: %s, policies: [root]}\n" % (name, token_hash(secret))
+                    for name, secret in tokens)
+    with open(path, "w") as f:
+        f.write("listen:\n  address: 127.0.0.1:%d\n"
+                "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n"
+                "store:\n  path: p11kms.db\n"
+                "auth:\n  tokens:\n%s%s" % (port, SOFTHSM_MODULE, token.label, lines, extra_yaml))
+    return ConfiguredServer(path, token.env(), token=tokens[0][1], port=port), path, token
+
+
 class ConfiguredServer:
     """`p11kms server -config FILE`; stdout and stderr go to one log file."""
 

@@ -25,18 +25,7 @@ HMAC_RE = re.compile(r"^hmac-sha256:[0-9a-f]{64}$")
 
 
 def start(root, audit_yaml, token_value):
-    token = cs.SoftToken(root).init()
-    token.write_pin_file(os.path.join(root, "user.pin"))
-    port = cs.free_port()
-    path = os.path.join(root, "p11kms.yaml")
-    with open(path, "w") as f:
-        f.write("listen:\n  address: 127.0.0.1:%d\n"
-                "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n"
-                "store:\n  path: p11kms.db\n"
-                "auth:\n  tokens:\n    - {name: ops, token_sha256: %s, policies: [root]}\n%s"
-                % (port, cs.SOFTHSM_MODULE, token.label, cs.token_hash(token_value), audit_yaml))
-    srv = cs.ConfiguredServer(path, token.env(), token=token_value, port=port)
-    return srv, path, token
+    return cs.configured(root, [("ops", token_value)], audit_yaml)
 
 
 def verify(cfg, env, *files):

@@ -19,20 +19,8 @@ A, B = "tok-a-" + os.urandom(6).hex(), "tok-b-" + os.urandom(6).hex()
 @pytest.fixture(scope="module")
 def srv():
     root = tempfile.mkdtemp(prefix="p11kms-rl-")
-    token = cs.SoftToken(root).init()
-    token.write_pin_file(os.path.join(root, "user.pin"))
-    port = cs.free_port()
-    path = os.path.join(root, "p11kms.yaml")
-    with open(path, "w") as f:
-        f.write("listen:\n  address: 127.0.0.1:%d\n"
-                "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n"
-                "store:\n  path: p11kms.db\n"
-                "auth:\n  tokens:\n"
-                "    - {name: a, token_sha256: %s, policies: [root]}\n"
-                "    - {name: b, token_sha256: %s, policies: [root]}\n"
-                "limits:\n  rate_limit:\n    requests_per_second: 1\n    burst: 3\n"
-                % (port, cs.SOFTHSM_MODULE, token.label, cs.token_hash(A), cs.token_hash(B)))
-    server = cs.ConfiguredServer(path, token.env(), token=A, port=port)
+    server, _, _ = cs.configured(root, [("a", A), ("b", B)],
+                                 "limits:\n  rate_limit:\n    requests_per_second: 1\n    burst: 3\n")
     server.start()
     try:
         yield server
