@@ -28,19 +28,36 @@ class StoreError : public std::runtime_error {
 
 struct VersionRecord {
   int version = 0;
-  std::string object_id;   // hex of the token object's CKA_ID (32 hex chars)
+  std::string id;          // v4 UUID of this version (Key Protect's keyVersion.id), never reused
+  // Where the version's material is: a token object (hex of its CKA_ID, 32 hex chars), or for
+  // exportable keys a ciphertext sealed in the token under the master key (`sealed`, base64).
+  // Exactly one of the two is set on a live key; a tombstone keeps neither.
+  std::string object_id;
+  std::string sealed;
   int64_t created_at = 0;  // unix seconds
 };
 
+// Key Protect's lifecycle states, shared by every dialect. Deactivation by expiry is derived
+// from expires_at when read; the store keeps what was set.
+enum KeyStateCode : int { kPreActive = 0, kActive = 1, kSuspended = 2, kDeactivated = 3, kDestroyed = 5 };
+
 struct KeyRecord {
+  std::string id;           // v4 UUID, assigned at creation, never reused (tombstones keep it)
   std::string ns = "root";  // namespace
-  std::string name;
+  std::string name;         // unique among the namespace's live keys; free again once deleted
   std::string type;         // "aes256-gcm96", ...
   int64_t created_at = 0;   // unix seconds
   int min_decryption_version = 1;
   int min_encryption_version = 0;  // 0 = latest
   bool deletion_allowed = false;
   bool exportable = false;
+  std::string description;
+  int64_t expires_at = 0;   // unix seconds; 0 = never expires
+  int state = kActive;      // KeyStateCode; kDestroyed only on tombstones
+  bool imported = false;    // material came from the caller, not the token
+  std::string created_by;   // the token name that created it
+  int64_t updated_at = 0;   // unix seconds of the last metadata change
+  int64_t deleted_at = 0;   // unix seconds; set only on tombstones
   // Bumped by every write to the key (config, rotate); lets caches detect staleness.
   int64_t generation = 1;
   std::map<int, VersionRecord> versions;  // version number -> record
@@ -62,16 +79,24 @@ class MetadataStore {
  public:
   virtual ~MetadataStore() = default;
 
+  // A live key by name (tombstones are never returned here).
   virtual std::optional<KeyRecord> get_key(const std::string& ns, const std::string& name) = 0;
-  // Names in one namespace, sorted ascending.
+  // A key by its UUID within a namespace: live, or its tombstone (state kDestroyed, deleted_at
+  // set, versions without object_id or sealed material).
+  virtual std::optional<KeyRecord> get_key_by_id(const std::string& ns, const std::string& id) = 0;
+  // Names of the live keys in one namespace, sorted ascending.
   virtual std::vector<std::string> list_keys(const std::string& ns) = 0;
+  // Full records (with versions) of one namespace's keys, sorted by created_at then id; with
+  // include_deleted, tombstones too.
+  virtual std::vector<KeyRecord> list_key_records(const std::string& ns, bool include_deleted) = 0;
 
   virtual void add_intent(const Intent& intent) = 0;
   virtual void remove_intent(const std::string& object_id) = 0;
   virtual std::vector<Intent> list_intents() = 0;
 
   // Inserts the key with its versions (normally just v1) and removes the intents of those
-  // versions' objects, in one transaction. ConflictError if (ns, name) exists.
+  // versions' objects, in one transaction. ConflictError if a live key has (ns, name), or if
+  // the key's id or a version's id was ever used.
   virtual void create_key(const KeyRecord& key) = 0;
 
   // Appends a version and removes its intent in one transaction, bumping generation.
@@ -79,18 +104,22 @@ class MetadataStore {
   virtual void add_version(const std::string& ns, const std::string& name,
                            const VersionRecord& version) = 0;
 
-  // Writes min versions and deletion_allowed, bumping generation. out_of_range if missing.
+  // Writes the mutable metadata (min versions, deletion_allowed, exportable, description,
+  // expires_at, state, updated_at) of the live key (ns, name), bumping generation.
+  // out_of_range if there is no such live key.
   virtual void update_config(const KeyRecord& key) = 0;
 
-  // Removes the key and its versions and, in the same transaction, records an intent for each
-  // version's object, so the objects are destroyed even if the process dies right after.
-  // Returns those intents; out_of_range if the key does not exist.
+  // Turns the live key into a tombstone (state kDestroyed, deleted_at now, every version's
+  // object_id and sealed material cleared, its name free again) and, in the same transaction,
+  // records an intent for each version's object, so the objects are destroyed even if the
+  // process dies right after. Returns those intents; out_of_range if no live key has the name.
   virtual std::vector<Intent> delete_key(const std::string& ns, const std::string& name) = 0;
 
-  // Every object_id referenced by any version of any key (for the start-up sweep).
+  // Every object_id referenced by any version of any live key (for the start-up sweep).
   virtual std::vector<std::string> all_object_ids() = 0;
 
-  // Every version of every key, for the start-up check that each has its token object.
+  // Every version of every live key that lives in a token object (object_id set), for the
+  // start-up check that each has its object.
   struct VersionRef {
     std::string ns, name;
     int version = 0;

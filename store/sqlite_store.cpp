@@ -64,6 +64,73 @@ CREATE TABLE counters (
 );
 INSERT INTO counters (name, value) VALUES ('max_deleted_generation', 0);
 )sql",
+    // 2: key and version UUIDs, Key Protect metadata, tombstones and sealed material. SQLite
+    // can neither drop the inline UNIQUE (ns, name) nor relax object_id's NOT NULL, so both
+    // tables are rebuilt. This runs with foreign_keys=ON (it cannot change inside a
+    // transaction): the new versions table references keys_new, so dropping the old tables
+    // cascades into nothing, and renaming keys_new rewrites that reference to keys.
+    // Existing rows get fresh v4 UUIDs built from randomblob(): 8-4-4-4-12 lowercase hex,
+    // version nibble 4, variant nibble one of 8, 9, a, b.
+    R"sql(
+CREATE TABLE keys_new (
+  id                     INTEGER PRIMARY KEY,
+  uuid                   TEXT    NOT NULL UNIQUE,
+  ns                     TEXT    NOT NULL,
+  name                   TEXT    NOT NULL,
+  type                   TEXT    NOT NULL,
+  created_at             INTEGER NOT NULL,
+  min_decryption_version INTEGER NOT NULL,
+  min_encryption_version INTEGER NOT NULL,
+  deletion_allowed       INTEGER NOT NULL,
+  exportable             INTEGER NOT NULL,
+  generation             INTEGER NOT NULL,
+  description            TEXT    NOT NULL DEFAULT '',
+  expires_at             INTEGER NOT NULL DEFAULT 0,
+  state                  INTEGER NOT NULL DEFAULT 1 CHECK (state IN (0, 1, 2, 3, 5)),
+  imported               INTEGER NOT NULL DEFAULT 0,
+  created_by             TEXT    NOT NULL DEFAULT '',
+  updated_at             INTEGER NOT NULL DEFAULT 0,
+  -- 0 on live keys; a tombstone has its deletion time and state 5 (destroyed), nothing else.
+  deleted_at             INTEGER NOT NULL DEFAULT 0,
+  CHECK ((deleted_at <> 0) = (state = 5))
+);
+CREATE TABLE key_versions_new (
+  key_id     INTEGER NOT NULL REFERENCES keys_new(id) ON DELETE CASCADE,
+  version    INTEGER NOT NULL CHECK (version >= 1),
+  uuid       TEXT    NOT NULL UNIQUE,
+  -- NULL, never '', when absent: several sealed versions and every tombstone's versions have
+  -- no object, and UNIQUE ignores only NULLs.
+  object_id  TEXT    UNIQUE,
+  sealed     TEXT,
+  created_at INTEGER NOT NULL,
+  PRIMARY KEY (key_id, version),
+  CHECK (object_id IS NULL OR sealed IS NULL)
+) WITHOUT ROWID;
+INSERT INTO keys_new (id, uuid, ns, name, type, created_at, min_decryption_version,
+                      min_encryption_version, deletion_allowed, exportable, generation,
+                      state, updated_at)
+  SELECT id,
+         lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' ||
+               substr(hex(randomblob(2)), 2) || '-' || substr('89AB', 1 + (random() & 3), 1) ||
+               substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6))),
+         ns, name, type, created_at, min_decryption_version, min_encryption_version,
+         deletion_allowed, exportable, generation, 1, created_at
+    FROM keys;
+INSERT INTO key_versions_new (key_id, version, uuid, object_id, sealed, created_at)
+  SELECT key_id, version,
+         lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' ||
+               substr(hex(randomblob(2)), 2) || '-' || substr('89AB', 1 + (random() & 3), 1) ||
+               substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6))),
+         object_id, NULL, created_at
+    FROM key_versions;
+DROP TABLE key_versions;
+DROP TABLE keys;
+ALTER TABLE keys_new RENAME TO keys;
+ALTER TABLE key_versions_new RENAME TO key_versions;
+-- A name is taken only while its key is live; tombstones keep theirs for the record.
+CREATE UNIQUE INDEX keys_live_name ON keys (ns, name) WHERE deleted_at = 0;
+CREATE INDEX keys_ns_created ON keys (ns, created_at);
+)sql",
 };
 
 constexpr int kLatestSchemaVersion = static_cast<int>(std::size(kMigrations));
@@ -107,6 +174,14 @@ class Statement {
     check_bind(sqlite3_bind_text(stmt_, index, value.data(), static_cast<int>(value.size()),
                                  SQLITE_TRANSIENT));
     return *this;
+  }
+  // Absent optional text (object_id, sealed) is NULL in the database, never ''.
+  Statement& bind_text_or_null(int index, const std::string& value) {
+    if (value.empty()) {
+      check_bind(sqlite3_bind_null(stmt_, index));
+      return *this;
+    }
+    return bind(index, value);
   }
 
   // Advances one step: true when a row is available, false when the statement is done.
@@ -227,6 +302,81 @@ std::string version_label(const std::string& ns, const std::string& name, int ve
   return "p11kms/" + ns + "/" + name + "/v" + std::to_string(version);
 }
 
+// The columns every key read selects, in the order read_keys() expects; a literal so the
+// statements that use it stay string literals for the statement cache.
+#define P11KMS_KEY_COLUMNS                                                                   \
+  " k.id, k.uuid, k.ns, k.name, k.type, k.created_at, k.min_decryption_version,"             \
+  " k.min_encryption_version, k.deletion_allowed, k.exportable, k.description, k.expires_at," \
+  " k.state, k.imported, k.created_by, k.updated_at, k.deleted_at, k.generation,"            \
+  " v.version, v.uuid, v.object_id, v.sealed, v.created_at"                                  \
+  " FROM keys k LEFT JOIN key_versions v ON v.key_id = k.id "
+
+// Reads the rows of a statement selecting P11KMS_KEY_COLUMNS into records. A new record starts
+// whenever k.id changes, so the statement must return each key's rows together.
+std::vector<KeyRecord> read_keys(Statement& q) {
+  std::vector<KeyRecord> keys;
+  int64_t current = 0;
+  while (q.step()) {
+    const int64_t row_id = q.int64(0);
+    if (keys.empty() || row_id != current) {
+      current = row_id;
+      KeyRecord& key = keys.emplace_back();
+      key.id = q.text(1);
+      key.ns = q.text(2);
+      key.name = q.text(3);
+      key.type = q.text(4);
+      key.created_at = q.int64(5);
+      key.min_decryption_version = q.int32(6);
+      key.min_encryption_version = q.int32(7);
+      key.deletion_allowed = q.boolean(8);
+      key.exportable = q.boolean(9);
+      key.description = q.text(10);
+      key.expires_at = q.int64(11);
+      key.state = q.int32(12);
+      key.imported = q.boolean(13);
+      key.created_by = q.text(14);
+      key.updated_at = q.int64(15);
+      key.deleted_at = q.int64(16);
+      key.generation = q.int64(17);
+    }
+    if (q.is_null(18)) continue;  // key without versions
+    const int number = q.int32(18);
+    VersionRecord& v = keys.back().versions[number];
+    v.version = number;
+    v.id = q.text(19);
+    v.object_id = q.text(20);  // NULL reads as ""
+    v.sealed = q.text(21);
+    v.created_at = q.int64(22);
+  }
+  return keys;
+}
+
+std::optional<KeyRecord> single_key(Statement& q) {
+  std::vector<KeyRecord> keys = read_keys(q);
+  if (keys.empty()) return std::nullopt;
+  return std::move(keys.front());
+}
+
+// kDestroyed belongs to tombstones, which only delete_key makes.
+void check_live_state(int state) {
+  if (state != kPreActive && state != kActive && state != kSuspended && state != kDeactivated) {
+    throw std::invalid_argument("key state " + std::to_string(state) +
+                                " is not a state a live key can have");
+  }
+}
+
+// The sweeper and the cache rely on every live version naming exactly one place for its
+// material, and on ids that can be looked up later.
+void check_version(const VersionRecord& v) {
+  if (v.id.empty()) {
+    throw std::invalid_argument("version " + std::to_string(v.version) + " has no id");
+  }
+  if (v.object_id.empty() == v.sealed.empty()) {
+    throw std::invalid_argument("version " + std::to_string(v.version) +
+                                " must have exactly one of object_id and sealed material");
+  }
+}
+
 class SqliteStore final : public MetadataStore {
  public:
   explicit SqliteStore(const std::string& path) : path_(path), conn_(path) {
@@ -234,50 +384,45 @@ class SqliteStore final : public MetadataStore {
     migrate();
   }
 
+  // Each read is one statement, so a key and its versions come from the same snapshot.
   std::optional<KeyRecord> get_key(const std::string& ns, const std::string& name) override {
     std::lock_guard<std::mutex> lock(mu_);
-    // One statement, so the key and its versions come from the same snapshot.
-    Statement q = conn_.prepare(
-        "SELECT k.type, k.created_at, k.min_decryption_version, k.min_encryption_version,"
-        "       k.deletion_allowed, k.exportable, k.generation,"
-        "       v.version, v.object_id, v.created_at"
-        "  FROM keys k LEFT JOIN key_versions v ON v.key_id = k.id"
-        " WHERE k.ns = ?1 AND k.name = ?2"
-        " ORDER BY v.version",
-        "read key");
+    Statement q = conn_.prepare("SELECT" P11KMS_KEY_COLUMNS
+                                "WHERE k.ns = ?1 AND k.name = ?2 AND k.deleted_at = 0"
+                                " ORDER BY k.id, v.version",
+                                "read key");
     q.bind(1, ns).bind(2, name);
-    std::optional<KeyRecord> key;
-    while (q.step()) {
-      if (!key) {
-        key.emplace();
-        key->ns = ns;
-        key->name = name;
-        key->type = q.text(0);
-        key->created_at = q.int64(1);
-        key->min_decryption_version = q.int32(2);
-        key->min_encryption_version = q.int32(3);
-        key->deletion_allowed = q.boolean(4);
-        key->exportable = q.boolean(5);
-        key->generation = q.int64(6);
-      }
-      if (q.is_null(7)) continue;  // key without versions
-      const int number = q.int32(7);
-      VersionRecord& v = key->versions[number];
-      v.version = number;
-      v.object_id = q.text(8);
-      v.created_at = q.int64(9);
-    }
-    return key;
+    return single_key(q);
+  }
+
+  std::optional<KeyRecord> get_key_by_id(const std::string& ns, const std::string& id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("SELECT" P11KMS_KEY_COLUMNS
+                                "WHERE k.ns = ?1 AND k.uuid = ?2"
+                                " ORDER BY k.id, v.version",
+                                "read key by id");
+    q.bind(1, ns).bind(2, id);
+    return single_key(q);
   }
 
   std::vector<std::string> list_keys(const std::string& ns) override {
     std::lock_guard<std::mutex> lock(mu_);
-    Statement q =
-        conn_.prepare("SELECT name FROM keys WHERE ns = ?1 ORDER BY name", "list keys");
+    Statement q = conn_.prepare(
+        "SELECT name FROM keys WHERE ns = ?1 AND deleted_at = 0 ORDER BY name", "list keys");
     q.bind(1, ns);
     std::vector<std::string> names;
     while (q.step()) names.push_back(q.text(0));
     return names;
+  }
+
+  std::vector<KeyRecord> list_key_records(const std::string& ns, bool include_deleted) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("SELECT" P11KMS_KEY_COLUMNS
+                                "WHERE k.ns = ?1 AND (?2 OR k.deleted_at = 0)"
+                                " ORDER BY k.created_at, k.uuid, k.id, v.version",
+                                "list key records");
+    q.bind(1, ns).bind(2, include_deleted);
+    return read_keys(q);
   }
 
   void add_intent(const Intent& intent) override {
@@ -301,42 +446,62 @@ class SqliteStore final : public MetadataStore {
   }
 
   void create_key(const KeyRecord& key) override {
+    if (key.id.empty()) throw std::invalid_argument("create_key: the key has no id");
+    check_live_state(key.state);
     for (const auto& [number, v] : key.versions) {
       if (number != v.version) {
         throw std::invalid_argument("create_key: versions map key " + std::to_string(number) +
                                     " does not match VersionRecord::version " +
                                     std::to_string(v.version));
       }
+      check_version(v);
     }
     std::lock_guard<std::mutex> lock(mu_);
     Transaction tx(conn_);
     if (find_key(key.ns, key.name)) {
       throw ConflictError("key '" + key.name + "' already exists in namespace '" + key.ns + "'");
     }
+    {
+      // Tombstones included: an id names one key forever.
+      Statement q = conn_.prepare("SELECT 1 FROM keys WHERE uuid = ?1", "check key id");
+      q.bind(1, key.id);
+      if (q.step()) throw ConflictError("key id " + key.id + " is already in use");
+    }
     int64_t generation = std::max<int64_t>(key.generation, max_deleted_generation() + 1);
     {
       Statement q = conn_.prepare(
-          "INSERT INTO keys (ns, name, type, created_at, min_decryption_version,"
-          "                  min_encryption_version, deletion_allowed, exportable, generation)"
-          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+          "INSERT INTO keys (uuid, ns, name, type, created_at, min_decryption_version,"
+          "                  min_encryption_version, deletion_allowed, exportable, generation,"
+          "                  description, expires_at, state, imported, created_by, updated_at)"
+          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
           "insert key");
-      q.bind(1, key.ns).bind(2, key.name).bind(3, key.type).bind(4, key.created_at);
-      q.bind(5, key.min_decryption_version).bind(6, key.min_encryption_version);
-      q.bind(7, key.deletion_allowed).bind(8, key.exportable).bind(9, generation);
+      q.bind(1, key.id).bind(2, key.ns).bind(3, key.name).bind(4, key.type);
+      q.bind(5, key.created_at).bind(6, key.min_decryption_version);
+      q.bind(7, key.min_encryption_version).bind(8, key.deletion_allowed);
+      q.bind(9, key.exportable).bind(10, generation).bind(11, key.description);
+      q.bind(12, key.expires_at).bind(13, key.state).bind(14, key.imported);
+      q.bind(15, key.created_by);
+      // A new key's metadata was last changed when it was made.
+      q.bind(16, key.updated_at != 0 ? key.updated_at : key.created_at);
       q.run();
     }
     int64_t key_id = sqlite3_last_insert_rowid(conn_.handle());
     for (const auto& entry : key.versions) {
+      // Checked one by one after the previous inserts, so ids repeated within the record
+      // conflict too.
+      check_version_id_unused(entry.second.id);
       insert_version(key_id, entry.second);
-      delete_intent(entry.second.object_id);
+      if (!entry.second.object_id.empty()) delete_intent(entry.second.object_id);
     }
     tx.commit();
   }
 
   void add_version(const std::string& ns, const std::string& name,
                    const VersionRecord& version) override {
+    check_version(version);
     std::lock_guard<std::mutex> lock(mu_);
     Transaction tx(conn_);
+    // Only a live key is found by name, so a tombstone never gains a version.
     std::optional<int64_t> key_id = find_key(ns, name);
     if (!key_id) {
       throw std::out_of_range("key '" + name + "' not found in namespace '" + ns + "'");
@@ -350,22 +515,28 @@ class SqliteStore final : public MetadataStore {
                             "' in namespace '" + ns + "' already exists");
       }
     }
+    check_version_id_unused(version.id);
     insert_version(*key_id, version);
-    delete_intent(version.object_id);
+    if (!version.object_id.empty()) delete_intent(version.object_id);
     bump_generation(*key_id);
     tx.commit();
   }
 
   void update_config(const KeyRecord& key) override {
+    check_live_state(key.state);
     std::lock_guard<std::mutex> lock(mu_);
     Transaction tx(conn_);
     Statement q = conn_.prepare(
         "UPDATE keys SET min_decryption_version = ?3, min_encryption_version = ?4,"
-        "                deletion_allowed = ?5, exportable = ?6, generation = generation + 1"
-        " WHERE ns = ?1 AND name = ?2",
+        "                deletion_allowed = ?5, exportable = ?6, description = ?7,"
+        "                expires_at = ?8, state = ?9, updated_at = ?10,"
+        "                generation = generation + 1"
+        " WHERE ns = ?1 AND name = ?2 AND deleted_at = 0",
         "update key config");
     q.bind(1, key.ns).bind(2, key.name).bind(3, key.min_decryption_version);
     q.bind(4, key.min_encryption_version).bind(5, key.deletion_allowed).bind(6, key.exportable);
+    q.bind(7, key.description).bind(8, key.expires_at).bind(9, key.state);
+    q.bind(10, key.updated_at);
     q.run();
     if (sqlite3_changes(conn_.handle()) == 0) {
       throw std::out_of_range("key '" + key.name + "' not found in namespace '" + key.ns + "'");
@@ -376,34 +547,48 @@ class SqliteStore final : public MetadataStore {
   std::vector<Intent> delete_key(const std::string& ns, const std::string& name) override {
     std::lock_guard<std::mutex> lock(mu_);
     Transaction tx(conn_);
-    int64_t key_id = 0;
-    int64_t generation = 0;
-    {
-      Statement q = conn_.prepare("SELECT id, generation FROM keys WHERE ns = ?1 AND name = ?2",
-                                  "read key for delete");
-      q.bind(1, ns).bind(2, name);
-      if (!q.step()) {
-        throw std::out_of_range("key '" + name + "' not found in namespace '" + ns + "'");
-      }
-      key_id = q.int64(0);
-      generation = q.int64(1);
+    std::optional<int64_t> key_id = find_key(ns, name);
+    if (!key_id) {
+      throw std::out_of_range("key '" + name + "' not found in namespace '" + ns + "'");
     }
+    const int64_t now = now_unix();
     std::vector<Intent> intents;
     {
       Statement q = conn_.prepare(
-          "SELECT version, object_id FROM key_versions WHERE key_id = ?1 ORDER BY version",
+          "SELECT version, object_id FROM key_versions"
+          " WHERE key_id = ?1 AND object_id IS NOT NULL ORDER BY version",
           "read versions for delete");
-      q.bind(1, key_id);
-      int64_t now = now_unix();
+      q.bind(1, *key_id);
       while (q.step()) intents.push_back(Intent{q.text(1), version_label(ns, name, q.int32(0)), now});
     }
     for (const Intent& intent : intents) insert_intent(intent);
     {
-      Statement q = conn_.prepare("DELETE FROM keys WHERE id = ?1", "delete key");
-      q.bind(1, key_id);
-      q.run();  // versions go with it (ON DELETE CASCADE)
+      // The tombstone keeps ids, numbers and dates; the material (objects, sealed blobs) goes.
+      Statement q = conn_.prepare(
+          "UPDATE key_versions SET object_id = NULL, sealed = NULL WHERE key_id = ?1",
+          "clear versions for delete");
+      q.bind(1, *key_id);
+      q.run();
     }
     {
+      Statement q = conn_.prepare(
+          "UPDATE keys SET state = 5, deleted_at = ?2, updated_at = ?2,"
+          "                generation = generation + 1"
+          " WHERE id = ?1",
+          "make key a tombstone");
+      q.bind(1, *key_id).bind(2, now);
+      q.run();
+    }
+    int64_t generation = 0;
+    {
+      Statement q = conn_.prepare("SELECT generation FROM keys WHERE id = ?1",
+                                  "read tombstone generation");
+      q.bind(1, *key_id);
+      if (q.step()) generation = q.int64(0);
+    }
+    {
+      // The name is free again; a key created under it must start above every generation a
+      // cache may hold for this one.
       Statement q = conn_.prepare(
           "UPDATE counters SET value = max(value, ?1) WHERE name = 'max_deleted_generation'",
           "record deleted generation");
@@ -416,8 +601,10 @@ class SqliteStore final : public MetadataStore {
 
   std::vector<std::string> all_object_ids() override {
     std::lock_guard<std::mutex> lock(mu_);
-    Statement q = conn_.prepare("SELECT object_id FROM key_versions ORDER BY object_id",
-                                "list object ids");
+    Statement q = conn_.prepare(
+        "SELECT v.object_id FROM key_versions v JOIN keys k ON k.id = v.key_id"
+        " WHERE v.object_id IS NOT NULL AND k.deleted_at = 0 ORDER BY v.object_id",
+        "list object ids");
     std::vector<std::string> ids;
     while (q.step()) ids.push_back(q.text(0));
     return ids;
@@ -428,6 +615,7 @@ class SqliteStore final : public MetadataStore {
     Statement q = conn_.prepare(
         "SELECT k.ns, k.name, v.version, v.object_id"
         "  FROM key_versions v JOIN keys k ON k.id = v.key_id"
+        " WHERE v.object_id IS NOT NULL AND k.deleted_at = 0"
         " ORDER BY k.ns, k.name, v.version",
         "list versions");
     std::vector<VersionRef> out;
@@ -531,8 +719,10 @@ class SqliteStore final : public MetadataStore {
     }
   }
 
+  // The live key with that name (tombstones keep their names but never match).
   std::optional<int64_t> find_key(const std::string& ns, const std::string& name) {
-    Statement q = conn_.prepare("SELECT id FROM keys WHERE ns = ?1 AND name = ?2", "find key");
+    Statement q = conn_.prepare(
+        "SELECT id FROM keys WHERE ns = ?1 AND name = ?2 AND deleted_at = 0", "find key");
     q.bind(1, ns).bind(2, name);
     if (!q.step()) return std::nullopt;
     return q.int64(0);
@@ -547,11 +737,19 @@ class SqliteStore final : public MetadataStore {
 
   void insert_version(int64_t key_id, const VersionRecord& v) {
     Statement q = conn_.prepare(
-        "INSERT INTO key_versions (key_id, version, object_id, created_at)"
-        " VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO key_versions (key_id, version, uuid, object_id, sealed, created_at)"
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         "insert key version");
-    q.bind(1, key_id).bind(2, v.version).bind(3, v.object_id).bind(4, v.created_at);
+    q.bind(1, key_id).bind(2, v.version).bind(3, v.id);
+    q.bind_text_or_null(4, v.object_id).bind_text_or_null(5, v.sealed).bind(6, v.created_at);
     q.run();
+  }
+
+  // Tombstones included: a version id names one version forever.
+  void check_version_id_unused(const std::string& id) {
+    Statement q = conn_.prepare("SELECT 1 FROM key_versions WHERE uuid = ?1", "check version id");
+    q.bind(1, id);
+    if (q.step()) throw ConflictError("key version id " + id + " is already in use");
   }
 
   // Idempotent: an intent that already exists keeps its original label and time (the older
@@ -582,6 +780,8 @@ class SqliteStore final : public MetadataStore {
   std::mutex mu_;
   Connection conn_;
 };
+
+#undef P11KMS_KEY_COLUMNS
 
 }  // namespace
 
