@@ -1,7 +1,5 @@
 #include "api/api_service.hpp"
 
-#include <openssl/rand.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <chrono>
@@ -9,18 +7,10 @@
 #include "api/vault_shape.hpp"
 #include "common/encoding.hpp"
 #include "common/log.hpp"
+#include "common/uuid.hpp"
 
 namespace p11kms::api {
 namespace {
-
-std::string new_request_id() {
-  unsigned char b[16];
-  RAND_bytes(b, sizeof b);
-  b[6] = (b[6] & 0x0f) | 0x40;
-  b[8] = (b[8] & 0x3f) | 0x80;
-  std::string h = encoding::hex_encode(b, sizeof b);
-  return h.substr(0, 8) + "-" + h.substr(8, 4) + "-" + h.substr(12, 4) + "-" + h.substr(16, 4) + "-" + h.substr(20);
-}
 
 // Client-controlled text in a log line: control characters (a decoded %0A could forge a line)
 // are shown escaped.
@@ -39,13 +29,15 @@ std::string printable(const std::string& s) {
 }
 
 // A client's id is echoed only if it is a sane token (no header injection, bounded length).
+bool sane_header_value(const std::string& v) {
+  bool ok = !v.empty() && v.size() <= 128;
+  for (char c : v) ok = ok && c > 0x20 && c < 0x7f;
+  return ok;
+}
+
 std::string request_id_of(const http::Request& r) {
-  if (auto id = r.header("X-Request-Id")) {
-    bool ok = !id->empty() && id->size() <= 128;
-    for (char c : *id) ok = ok && c > 0x20 && c < 0x7f;
-    if (ok) return *id;
-  }
-  return new_request_id();
+  if (auto id = r.header("X-Request-Id"); id && sane_header_value(*id)) return *id;
+  return uuid::new_v4();
 }
 
 std::string presented_token(const http::Request& r) {
@@ -133,17 +125,50 @@ json parse_body(const std::string& body, size_t max_depth) {
   }
 }
 
+std::string Dialect::policy_path(const std::string& path, const Route* route) const {
+  std::string p = policy_prefix + path;
+  while (!p.empty() && p.back() == '/') p.pop_back();
+  if (route && !route->action.empty()) p += "/" + route->action;
+  return p;
+}
+
+std::string Dialect::policy_pattern(const Route& route) const {
+  std::string out;
+  const std::string& pattern = route.pattern;
+  size_t i = 0;
+  while (i < pattern.size()) {
+    if (pattern[i] == ':' && (i == 0 || pattern[i - 1] == '/')) {
+      size_t end = pattern.find('/', i);
+      if (end == std::string::npos) end = pattern.size();
+      out += "<" + pattern.substr(i + 1, end - i - 1) + ">";
+      i = end;
+    } else {
+      out += pattern[i++];
+    }
+  }
+  return policy_prefix + out + (route.action.empty() ? "" : "/" + route.action);
+}
+
 ApiService::ApiService(keys::KeyService& keys, const policy::AccessControl& access, ApiLimits limits,
                        std::string version)
     : keys_(keys), access_(access), limits_(limits) {
-  add_sys_routes(vault_, version);
-  add_transit_routes(vault_);
+  dialects_.push_back(vault_dialect(version));
+  dialects_.push_back(kms_dialect());
   if (limits_.rate_limit) rate_limiter_ = std::make_unique<policy::RateLimiter>(*limits_.rate_limit);
 }
 
 bool ApiService::drain(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lk(inflight_mu_);
   return inflight_cv_.wait_for(lk, timeout, [&] { return inflight_ == 0; });
+}
+
+const Dialect* ApiService::dialect_for(const std::string& path) const {
+  for (const auto& d : dialects_)
+    if (path.rfind(d.mount, 0) == 0) return &d;
+  // "/kms/api/v2/keys" without a trailing slash is the collection itself.
+  for (const auto& d : dialects_)
+    if (path + "/" == d.mount) return &d;
+  return nullptr;
 }
 
 http::Response ApiService::handle(const http::Request& request) {
@@ -166,21 +191,26 @@ http::Response ApiService::handle(const http::Request& request) {
   record.ns = "root";
   record.method = request.method;
   record.path = request.path;
+  const Dialect* d = dialect_for(request.path);
+  const Dialect& shape = d ? *d : dialects_.front();  // unknown paths answer in Vault's shape
   try {
     if (request.headers_too_large) {
-      resp = vault::error(431, {"request headers exceed the limit of " + std::to_string(limits_.max_header_bytes) + " bytes"});
+      resp = shape.error(431, "headers_too_large",
+                         "request headers exceed the limit of " + std::to_string(limits_.max_header_bytes) + " bytes");
     } else if (request.body_too_large) {
-      resp = vault::error(413, {"request body exceeds the limit of " + std::to_string(limits_.max_body_bytes) + " bytes"});
-    } else if (request.path.rfind("/v1/", 0) == 0) {
+      resp = shape.error(413, "body_too_large",
+                         "request body exceeds the limit of " + std::to_string(limits_.max_body_bytes) + " bytes");
+    } else if (d) {
       http::Headers extra;
-      resp = handle_vault(request, request.path.substr(4), request_id, extra, record);
+      std::string rel = request.path.size() >= d->mount.size() ? request.path.substr(d->mount.size()) : "";
+      resp = handle_dialect(*d, request, rel, request_id, extra, record);
       resp.headers.insert(resp.headers.end(), extra.begin(), extra.end());
     } else {
-      resp = vault::error(404, {"no handler for route \"" + request.path + "\""});
+      resp = shape.error(404, "not_found", "no handler for route \"" + request.path + "\"");
     }
   } catch (const std::exception& e) {
     log::error(std::string("unexpected error: ") + e.what(), request_id);
-    resp = vault::error(500, {"internal error; see the server log for request id " + request_id});
+    resp = shape.error(500, "internal", "internal error; see the server log for request id " + request_id);
   }
   if (audit_) {
     record.status = resp.status;
@@ -192,10 +222,12 @@ http::Response ApiService::handle(const http::Request& request) {
       log::error(std::string("audit: ") + e.what(), request_id);
       // Fail closed: the client is not told success that the log cannot vouch for.
       if (audit_->fail_closed() && record.capability)
-        resp = vault::error(503, {"the audit log cannot be written; request refused"});
+        resp = shape.error(503, "audit_unavailable", "the audit log cannot be written; request refused");
     }
   }
   resp.headers.emplace_back("X-Request-Id", request_id);
+  if (auto cid = request.header("correlation-id"); cid && sane_header_value(*cid))
+    resp.headers.emplace_back("correlation-id", *cid);
   resp.headers.emplace_back("Cache-Control", "no-store");
   auto ms = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count() / 1000.0;
   log::info(printable(request.method) + " " + printable(request.path) + " " + std::to_string(resp.status) + " " +
@@ -204,15 +236,18 @@ http::Response ApiService::handle(const http::Request& request) {
   return resp;
 }
 
-http::Response ApiService::handle_vault(const http::Request& request, const std::string& path,
-                                        const std::string& request_id, http::Headers& extra_headers,
-                                        audit::AuditRecord& record) {
+http::Response ApiService::handle_dialect(const Dialect& d, const http::Request& request, const std::string& path,
+                                          const std::string& request_id, http::Headers& extra_headers,
+                                          audit::AuditRecord& record) {
   try {
-    // Vault treats GET ...?list=true as LIST, for clients that cannot send the LIST verb.
     std::string method = request.method;
-    if (method == "PUT") method = "POST";  // Vault makes no difference between the two
-    if (method == "GET" && request.query_param("list").value_or("") == "true") method = "LIST";
-    auto m = vault_.match(method, path);
+    if (d.vault_conventions) {
+      // Vault treats GET ...?list=true as LIST, for clients that cannot send the LIST verb.
+      if (method == "PUT") method = "POST";  // Vault makes no difference between the two
+      if (method == "GET" && request.query_param("list").value_or("") == "true") method = "LIST";
+    }
+    std::string action = d.uses_actions ? request.query_param("action").value_or("") : "";
+    auto m = d.router.match(method, path, action);
     auto rules = access_.current();  // one snapshot for the whole request (SIGHUP may swap it)
     const policy::TokenEntry* token = nullptr;
     bool needs_auth = m.outcome != Router::Outcome::found || m.route->authenticated;
@@ -220,7 +255,10 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
       // Authentication comes before routing, as in Vault: without a valid token nothing about
       // the route table is revealed.
       token = rules->authenticator.authenticate(presented_token(request), now_seconds());
-      if (!token) return vault::error(403, {"permission denied"});
+      if (!token)
+        return d.error(d.unauthenticated_status, "unauthorized",
+                       d.unauthenticated_status == 401 ? "a valid token is required (Authorization: Bearer <token>)"
+                                                        : "permission denied");
       record.token = token->name;
       if (rate_limiter_) {
         auto rl = rate_limiter_->take(token->name, std::chrono::steady_clock::now());
@@ -229,44 +267,55 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
         extra_headers.emplace_back("X-RateLimit-Reset", std::to_string(rl.reset_s));
         if (!rl.allowed) {
           extra_headers.emplace_back("Retry-After", std::to_string(rl.retry_after_s));
-          return vault::error(429, {"rate limit exceeded for this token; retry after " +
-                                    std::to_string(rl.retry_after_s) + " s"});
+          return d.error(429, "rate_limited",
+                         "rate limit exceeded for this token; retry after " + std::to_string(rl.retry_after_s) + " s");
         }
       }
     }
     if (m.outcome == Router::Outcome::not_found)
-      return vault::error(404, {"no handler for route \"" + path + "\": route entry not found"});
+      return d.error(404, "not_found", "no handler for route \"" + path + "\": route entry not found");
     if (m.outcome == Router::Outcome::method_not_allowed)
-      return vault::error(405, {"unsupported operation: " + request.method + " is not allowed on \"" + path + "\""});
+      return d.error(405, "method_not_allowed",
+                     "unsupported operation: " + request.method + " is not allowed on \"" + path + "\"");
+    if (m.outcome == Router::Outcome::unknown_action) {
+      std::string list;
+      for (const auto& a : m.actions) list += (list.empty() ? "" : ", ") + a;
+      return d.error(400, "invalid_action",
+                     (action.empty() ? std::string("the action query parameter is required")
+                                     : "unsupported action \"" + printable(action) + "\"") +
+                         ": action must be one of " + list);
+    }
 
     Context ctx{request, &keys_, &limits_, request_id};
     ctx.token = token;
     ctx.params = m.params;
     ctx.policies = &rules->policies;
-    ctx.path = path;
-    while (!ctx.path.empty() && ctx.path.back() == '/') ctx.path.pop_back();
+    ctx.path = d.policy_path(path, m.route);
     if (m.route->authenticated)
       record.capability = m.route->capability ? policy::capability_name(static_cast<policy::Capability>(m.route->capability))
                                               : "any";
     if (m.params.count("name")) record.key = m.params.at("name");
-    if (auto ns = request.header("X-Vault-Namespace")) {
+    if (m.params.count("id")) record.key = m.params.at("id");
+    for (const auto& h : d.namespace_headers) {
+      auto ns = request.header(h);
+      if (!ns) continue;
       std::string n = *ns;
-      while (!n.empty() && n.back() == '/') n.pop_back();
+      if (d.vault_conventions)
+        while (!n.empty() && n.back() == '/') n.pop_back();
       if (!n.empty()) ctx.ns = n;
+      break;
     }
     record.ns = ctx.ns;
     if (!valid_namespace(ctx.ns))
-      return vault::error(400, {"invalid namespace in X-Vault-Namespace: 1 to 64 characters of [A-Za-z0-9._-]"});
+      return d.error(400, "invalid_namespace",
+                     "invalid namespace in " + d.namespace_headers.front() + ": 1 to 64 characters of [A-Za-z0-9._-]");
     if (token && !may_use_namespace(*token, ctx.ns))
-      return vault::error(403, {"permission denied: this token may not use namespace \"" + ctx.ns + "\""});
+      return d.error(403, "forbidden", "permission denied: this token may not use namespace \"" + ctx.ns + "\"");
     // The policy is checked on the request's own path before anything looks at a key, so a
     // refusal never tells whether the key exists.
-    if (token && m.route->capability != 0) {
-      std::string policy_path = path;
-      while (!policy_path.empty() && policy_path.back() == '/') policy_path.pop_back();
-      if (!rules->policies.allows(token->policies, policy_path, static_cast<policy::Capability>(m.route->capability)))
-        return vault::error(403, {"permission denied"});
-    }
+    if (token && m.route->capability != 0 &&
+        !rules->policies.allows(token->policies, ctx.path, static_cast<policy::Capability>(m.route->capability)))
+      return d.error(403, "forbidden", "permission denied");
 
     json values = json::object();
     bool has_body = request.body.find_first_not_of(" \t\r\n") != std::string::npos;
@@ -275,7 +324,7 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
       if (!values.is_object()) throw keys::invalid("the request body must be a JSON object");
     }
     for (const auto& [k, v] : request.query)
-      if (!values.contains(k) && k != "list") values[k] = v;
+      if (!values.contains(k) && k != "list" && !(d.uses_actions && k == "action")) values[k] = v;
     for (const auto& [k, v] : m.params) values[k] = v;
     ctx.fields = FieldData(&m.route->fields, std::move(values));
     collect_secrets(ctx.fields.raw(), record.request_secrets);
@@ -283,14 +332,15 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
       record.key_version = ctx.fields.raw()["key_version"].get<int>();
     // Fail closed before anything runs; health (no token, changes nothing) always answers.
     if (audit_ && m.route->authenticated && !audit_->ready())
-      return vault::error(503, {"the audit log cannot be written; request refused"});
+      return d.error(503, "audit_unavailable", "the audit log cannot be written; request refused");
 
     Reply reply = m.route->callback(ctx);
     collect_secrets(reply.data, record.response_secrets);
     if (record.key && reply.data.is_object() && reply.data.contains("key_version") &&
         reply.data["key_version"].is_number_integer())
       record.key_version = reply.data["key_version"].get<int>();
-    if (record.key && !record.key_version && reply.data.is_object() && reply.data.contains("latest_version"))
+    if (record.key && !record.key_version && reply.data.is_object() && reply.data.contains("latest_version") &&
+        reply.data["latest_version"].is_number_integer())
       record.key_version = reply.data["latest_version"].get<int>();
     auto unknown = ctx.fields.unknown_fields();
     if (!unknown.empty() && !reply.raw && reply.status != 204) {
@@ -298,13 +348,17 @@ http::Response ApiService::handle_vault(const http::Request& request, const std:
       for (size_t i = 0; i < unknown.size(); ++i) w += (i ? " " : "") + unknown[i];
       reply.warnings.push_back(w + "]");
     }
-    return vault::render(reply, request_id);
+    auto response = d.render(reply, request_id);
+    response.headers.insert(response.headers.end(), reply.headers.begin(), reply.headers.end());
+    return response;
   } catch (const keys::KeyError& e) {
     if (e.kind() == keys::ErrorKind::internal) log::error(std::string("internal error: ") + e.what(), request_id);
-    return vault::error(vault::status_of(e.kind()), {e.what()});
+    return d.error(vault::status_of(e.kind()), e.code(), e.kind() == keys::ErrorKind::internal
+                                                            ? "internal error; see the server log for request id " + request_id
+                                                            : std::string(e.what()));
   } catch (const std::exception& e) {
     log::error(std::string("unexpected error: ") + e.what(), request_id);
-    return vault::error(500, {"internal error; see the server log for request id " + request_id});
+    return d.error(500, "internal", "internal error; see the server log for request id " + request_id);
   }
 }
 

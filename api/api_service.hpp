@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "api/dialect.hpp"
 #include "api/http/types.hpp"
 #include "api/route.hpp"
 #include "audit/audit_sink.hpp"
@@ -37,16 +38,17 @@ class ApiService {
   // After the listener stopped accepting: waits until no request is being handled (or the
   // timeout passes), so nothing it uses (token sessions, store) is torn down under it.
   bool drain(std::chrono::milliseconds timeout);
-  const Router& vault_routes() const { return vault_; }
 
  private:
-  http::Response handle_vault(const http::Request& request, const std::string& path, const std::string& request_id,
-                              http::Headers& extra_headers, audit::AuditRecord& record);
+  const Dialect* dialect_for(const std::string& path) const;
+  http::Response handle_dialect(const Dialect& d, const http::Request& request, const std::string& path,
+                                const std::string& request_id, http::Headers& extra_headers,
+                                audit::AuditRecord& record);
 
   keys::KeyService& keys_;
   const policy::AccessControl& access_;
   ApiLimits limits_;
-  Router vault_;  // mounted at /v1/
+  std::vector<Dialect> dialects_;
   std::unique_ptr<policy::RateLimiter> rate_limiter_;
   audit::AuditSink* audit_ = nullptr;
   std::mutex inflight_mu_;
@@ -54,14 +56,14 @@ class ApiService {
   size_t inflight_ = 0;
 };
 
-// The dialects' route tables: pure declarations (callbacks reach the service through their
-// Context), so they can also be rendered as documentation without a token or a store.
+// Route tables of the Vault dialect's families (vault_dialect() mounts them).
 void add_transit_routes(Router& router);
 void add_sys_routes(Router& router, const std::string& version);
-// Markdown reference of a router's routes under a mount prefix, from the declarations.
-std::string render_route_docs(const Router& router, const std::string& mount, const std::string& prefix);
+void add_kms_routes(Router& router);
+// Markdown reference of a dialect's routes whose pattern starts with prefix, from the declarations.
+std::string render_route_docs(const Dialect& dialect, const std::string& prefix);
 // Markdown table of every route's policy path and capability.
-std::string render_policy_table(const Router& router, const std::string& mount);
+std::string render_policy_table(const Dialect& dialect);
 
 // Parses a JSON request body, refusing nesting deeper than max_depth (400 naming the limit).
 json parse_body(const std::string& body, size_t max_depth);

@@ -47,18 +47,24 @@ const char* field_type_name(FieldType t) {
   }
 }
 
-Router::Match Router::match(const std::string& method, const std::string& path) const {
+Router::Match Router::match(const std::string& method, const std::string& path, const std::string& action) const {
   Match m;
   for (const auto& r : routes_) {
     std::map<std::string, std::string> params;
     if (!match_pattern(r.pattern, path, params)) continue;
-    if (r.method == method) {
+    if (r.method != method) {
+      if (m.outcome == Outcome::not_found) m.outcome = Outcome::method_not_allowed;
+      continue;
+    }
+    if (r.action == action) {
       m.outcome = Outcome::found;
       m.route = &r;
       m.params = std::move(params);
+      m.actions.clear();
       return m;
     }
-    m.outcome = Outcome::method_not_allowed;
+    if (!r.action.empty()) m.actions.push_back(r.action);
+    m.outcome = Outcome::unknown_action;
   }
   return m;
 }

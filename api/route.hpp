@@ -83,6 +83,7 @@ struct Reply {
   json data = nullptr;
   std::vector<std::string> warnings;
   bool raw = false;  // body is `data` itself, not wrapped in the dialect's envelope
+  http::Headers headers = {};  // extra response headers (Key Protect's Key-Total)
 };
 
 using Callback = std::function<Reply(Context&)>;
@@ -97,6 +98,9 @@ struct Route {
   // 0: any valid token may call it; unauthenticated routes need no token at all.
   policy::Capabilities capability = policy::kUpdate;
   bool authenticated = true;
+  // Key Protect selects an operation by `?action=wrap` on one URL: a route with an action
+  // matches only that query value, and its policy path gains "/<action>".
+  std::string action = {};
 };
 
 class Router {
@@ -104,13 +108,15 @@ class Router {
   void add(Route route) { routes_.push_back(std::move(route)); }
   const std::vector<Route>& routes() const { return routes_; }
 
-  enum class Outcome { found, not_found, method_not_allowed };
+  enum class Outcome { found, not_found, method_not_allowed, unknown_action };
   struct Match {
     Outcome outcome = Outcome::not_found;
     const Route* route = nullptr;
     std::map<std::string, std::string> params;
+    std::vector<std::string> actions;  // for unknown_action: what the path and method offer
   };
-  Match match(const std::string& method, const std::string& path) const;
+  // `action` is the request's ?action= value ("" when absent).
+  Match match(const std::string& method, const std::string& path, const std::string& action = "") const;
 
  private:
   std::vector<Route> routes_;

@@ -27,47 +27,34 @@ std::string capability_words(policy::Capabilities caps) {
   return out;
 }
 
-// Policy path of a route: its pattern with each :param shown as <param>.
-std::string policy_path(const std::string& pattern) {
-  std::string out;
-  size_t i = 0;
-  while (i < pattern.size()) {
-    if (pattern[i] == ':' && (i == 0 || pattern[i - 1] == '/')) {
-      size_t end = pattern.find('/', i);
-      if (end == std::string::npos) end = pattern.size();
-      out += "<" + pattern.substr(i + 1, end - i - 1) + ">";
-      i = end;
-    } else {
-      out += pattern[i++];
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
-std::string render_policy_table(const Router& router, const std::string& mount) {
+static std::string route_line(const Dialect& d, const Route& r) {
+  return r.method + " " + d.mount + r.pattern + (r.action.empty() ? "" : "?action=" + r.action);
+}
+
+std::string render_policy_table(const Dialect& d) {
   std::ostringstream out;
   out << "| route | policy path | capability |\n|---|---|---|\n";
-  for (const auto& r : router.routes()) {
-    out << "| `" << r.method << " " << mount << r.pattern << "` | ";
+  for (const auto& r : d.router.routes()) {
+    out << "| `" << route_line(d, r) << "` | ";
     if (!r.authenticated)
       out << "(none) | no token needed |\n";
     else
-      out << "`" << policy_path(r.pattern) << "` | " << capability_words(r.capability) << " |\n";
+      out << "`" << d.policy_pattern(r) << "` | " << capability_words(r.capability) << " |\n";
   }
   return out.str();
 }
 
-std::string render_route_docs(const Router& router, const std::string& mount, const std::string& prefix) {
+std::string render_route_docs(const Dialect& d, const std::string& prefix) {
   std::ostringstream out;
-  for (const auto& r : router.routes()) {
+  for (const auto& r : d.router.routes()) {
     if (r.pattern.rfind(prefix, 0) != 0) continue;
-    out << "### `" << r.method << " " << mount << r.pattern << "`\n\n" << r.summary << "\n";
+    out << "### `" << route_line(d, r) << "`\n\n" << r.summary << "\n";
     if (!r.authenticated)
       out << "No token needed.\n";
     else
-      out << "Policy: " << capability_words(r.capability) << " on `" << policy_path(r.pattern) << "`.\n";
+      out << "Policy: " << capability_words(r.capability) << " on `" << d.policy_pattern(r) << "`.\n";
     std::vector<const Field*> body;
     for (const auto& f : r.fields)
       if (r.pattern.find(":" + f.name) == std::string::npos) body.push_back(&f);

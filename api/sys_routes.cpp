@@ -4,21 +4,9 @@
 #include <ctime>
 
 #include "api/api_service.hpp"
+#include "common/time.hpp"
 
 namespace p11kms::api {
-namespace {
-
-std::string rfc3339(int64_t t) {
-  std::time_t tt = static_cast<std::time_t>(t);
-  std::tm tm{};
-  gmtime_r(&tt, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
-}  // namespace
-
 void add_sys_routes(Router& router, const std::string& version) {
   Route health{"GET", "sys/health", {}, "Health in Vault's shape plus the token's state; no token needed.",
                [version](Context& ctx) {
@@ -56,7 +44,7 @@ void add_sys_routes(Router& router, const std::string& version) {
                 json data{{"display_name", "token-" + t.name},
                           {"policies", t.policies},
                           {"namespaces", t.namespaces},
-                          {"expire_time", t.expires ? json(rfc3339(*t.expires)) : json(nullptr)},
+                          {"expire_time", t.expires ? json(timefmt::format_rfc3339(*t.expires)) : json(nullptr)},
                           {"meta", nullptr},
                           {"num_uses", 0},
                           {"orphan", true},

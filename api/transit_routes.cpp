@@ -28,11 +28,11 @@ json key_info(const store::KeyRecord& k) {
               {"derived", false},
               {"exportable", k.exportable},
               {"allow_plaintext_backup", false},
-              {"supports_encryption", true},
-              {"supports_decryption", true},
-              {"supports_derivation", true},
+              {"supports_encryption", k.type != "standard"},
+              {"supports_decryption", k.type != "standard"},
+              {"supports_derivation", k.type != "standard"},
               {"supports_signing", false},
-              {"imported_key", false},
+              {"imported_key", k.imported},
               {"auto_rotate_period", 0},
               {"convergent_encryption", false}};
 }
@@ -164,7 +164,7 @@ void upsert_for_encrypt(Context& ctx) {
     throw invalid("encryption key \"" + ref.name + "\" does not exist and would be created as a derived key "
                   "(context given), which p11kms does not support yet; create it first");
   std::string type = ctx.fields.has("type") ? ctx.fields.get_string("type") : "aes256-gcm96";
-  ctx.keys->create_key(ref, type);  // 400 naming the type if it cannot encrypt; creates nothing then
+  ctx.keys->create_key(ref, type, ctx.token ? ctx.token->name : "");  // 400 naming the type if it cannot encrypt; creates nothing then
 }
 
 }  // namespace
@@ -189,7 +189,7 @@ void add_transit_routes(Router& router) {
                 auto period = ctx.fields.get_string("auto_rotate_period");
                 if (!period.empty() && period != "0" && period != "0s")
                   throw invalid("auto_rotate_period is not supported yet by p11kms");
-                auto result = ks.create_key(key_ref(ctx), ctx.fields.get_string("type"));
+                auto result = ks.create_key(key_ref(ctx), ctx.fields.get_string("type"), ctx.token ? ctx.token->name : "");
                 Reply r{200, key_info(result.key)};
                 if (!result.created) r.warnings.push_back("key " + result.key.name + " already existed");
                 return r;

@@ -1,5 +1,7 @@
 #include "api/vault_shape.hpp"
 
+#include "api/api_service.hpp"
+
 namespace p11kms::api::vault {
 namespace {
 // Request bytes can reach a message (a JSON parse error quotes them); never let invalid UTF-8
@@ -13,6 +15,7 @@ int status_of(keys::ErrorKind kind) {
     case keys::ErrorKind::forbidden: return 403;
     case keys::ErrorKind::not_found: return 404;
     case keys::ErrorKind::conflict: return 409;
+    case keys::ErrorKind::gone: return 410;
     case keys::ErrorKind::payload_too_large: return 413;
     case keys::ErrorKind::unavailable: return 503;
     default: return 500;
@@ -47,3 +50,25 @@ http::Response error(int status, const std::vector<std::string>& messages) {
 }
 
 }  // namespace p11kms::api::vault
+
+namespace p11kms::api {
+namespace {
+http::Response vault_error(int status, const std::string& /*code*/, const std::string& message) {
+  return vault::error(status, {message});
+}
+}  // namespace
+
+Dialect vault_dialect(const std::string& version) {
+  Dialect d;
+  d.name = "vault";
+  d.mount = "/v1/";
+  d.namespace_headers = {"X-Vault-Namespace"};
+  d.vault_conventions = true;
+  d.render = &vault::render;
+  d.error = &vault_error;
+  add_sys_routes(d.router, version);
+  add_transit_routes(d.router);
+  return d;
+}
+
+}  // namespace p11kms::api

@@ -1,5 +1,7 @@
 #include "app/config.hpp"
 
+#include "common/time.hpp"
+
 #include <openssl/crypto.h>
 #include <yaml-cpp/yaml.h>
 
@@ -82,30 +84,10 @@ std::string absolute(const std::string& path, const std::string& base_dir) {
   return p.is_absolute() ? p.string() : (fs::path(base_dir) / p).lexically_normal().string();
 }
 
-// RFC 3339 date-time, strictly: YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM), and a real date.
 int64_t parse_rfc3339(const std::string& s, const std::string& key) {
-  static const std::regex re(R"(^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|([+-])(\d{2}):(\d{2}))$)");
-  std::smatch m;
-  if (!std::regex_match(s, m, re)) fail(key, "must be an RFC 3339 time such as 2027-01-01T00:00:00Z");
-  auto num = [&](int i) { return std::stoi(m[i].str()); };
-  std::tm tm{};
-  tm.tm_year = num(1) - 1900;
-  tm.tm_mon = num(2) - 1;
-  tm.tm_mday = num(3);
-  tm.tm_hour = num(4);
-  tm.tm_min = num(5);
-  tm.tm_sec = num(6);
-  std::tm check = tm;
-  int64_t t = static_cast<int64_t>(timegm(&check));
-  // timegm normalizes (Feb 30 -> Mar 2); a real date comes back unchanged.
-  if (check.tm_mday != tm.tm_mday || check.tm_mon != tm.tm_mon || check.tm_hour != tm.tm_hour ||
-      check.tm_min != tm.tm_min || check.tm_sec != tm.tm_sec)
-    fail(key, "\"" + s + "\" is not a valid date and time");
-  if (m[9].matched) {
-    int offset = num(10) * 3600 + num(11) * 60;
-    t += m[9].str() == "+" ? -offset : offset;
-  }
-  return t;
+  auto t = timefmt::parse_rfc3339(s);
+  if (!t) fail(key, "must be an RFC 3339 time such as 2027-01-01T00:00:00Z, and a real date");
+  return *t;
 }
 
 [[noreturn]] void not_yet(const std::string& key, const std::string& what) {

@@ -7,12 +7,24 @@
 #include <string>
 #include <vector>
 
+#include <openssl/crypto.h>
+
 #include "hsm/pkcs11.hpp"
 
 namespace p11kms::hsm {
 
 class AttributeTemplate {
  public:
+  AttributeTemplate() = default;
+  AttributeTemplate(AttributeTemplate&&) = default;
+  AttributeTemplate(const AttributeTemplate&) = delete;
+  AttributeTemplate& operator=(const AttributeTemplate&) = delete;
+  // A template may carry CKA_VALUE of an imported key: every stored value is wiped.
+  ~AttributeTemplate() {
+    for (auto& v : storage_)
+      if (!v.empty()) OPENSSL_cleanse(v.data(), v.size());
+  }
+
   AttributeTemplate& set(CK_ATTRIBUTE_TYPE type, bool value) {
     auto& v = storage_.emplace_back(1, static_cast<unsigned char>(value ? CK_TRUE : CK_FALSE));
     return push(type, v);
@@ -24,6 +36,9 @@ class AttributeTemplate {
   }
   AttributeTemplate& set_bytes(CK_ATTRIBUTE_TYPE type, const std::vector<unsigned char>& value) {
     return push(type, storage_.emplace_back(value));
+  }
+  AttributeTemplate& set_bytes(CK_ATTRIBUTE_TYPE type, const unsigned char* p, size_t n) {
+    return push(type, storage_.emplace_back(p, p + n));
   }
   AttributeTemplate& set_string(CK_ATTRIBUTE_TYPE type, const std::string& value) {
     return push(type, storage_.emplace_back(value.begin(), value.end()));

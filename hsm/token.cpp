@@ -55,13 +55,13 @@ SecureBytes Token::random_secret(size_t n) {
 // Every secret key the service keeps on the token: persistent, private, sensitive,
 // non-extractable and unmodifiable, with every usage boolean set explicitly (SoftHSM turns
 // several on by default) and only the given ones true.
+// bytes == 0 leaves CKA_VALUE_LEN out (C_CreateObject takes the length from CKA_VALUE).
 static AttributeTemplate secret_key_template(CK_KEY_TYPE type, size_t bytes, const ObjectId& id, const std::string& label,
                                       std::initializer_list<CK_ATTRIBUTE_TYPE> usages) {
   AttributeTemplate t;
-  t.set_ulong(CKA_CLASS, CKO_SECRET_KEY)
-      .set_ulong(CKA_KEY_TYPE, type)
-      .set_ulong(CKA_VALUE_LEN, bytes)
-      .set(CKA_TOKEN, true)
+  t.set_ulong(CKA_CLASS, CKO_SECRET_KEY).set_ulong(CKA_KEY_TYPE, type);
+  if (bytes != 0) t.set_ulong(CKA_VALUE_LEN, bytes);
+  t.set(CKA_TOKEN, true)
       .set(CKA_PRIVATE, true)
       .set(CKA_SENSITIVE, true)
       .set(CKA_EXTRACTABLE, false)
@@ -86,6 +86,16 @@ void Token::generate_secret(CK_MECHANISM_TYPE mechanism, AttributeTemplate& t, c
 void Token::generate_aes_key(const ObjectId& id, size_t bytes, const std::string& label) {
   auto t = secret_key_template(CKK_AES, bytes, id, label, {CKA_ENCRYPT, CKA_DECRYPT});
   generate_secret(CKM_AES_KEY_GEN, t, id);
+}
+
+void Token::import_aes_key(const ObjectId& id, const SecureBytes& value, const std::string& label) {
+  auto t = secret_key_template(CKK_AES, 0, id, label, {CKA_ENCRYPT, CKA_DECRYPT});
+  t.set_bytes(CKA_VALUE, value.data(), value.size());
+  auto l = pool_.lease();
+  CK_OBJECT_HANDLE h = 0;
+  l.check(l.fn()->C_CreateObject(l.session(), t.data(), t.size(), &h), "C_CreateObject");
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  if (cache_generation_ == l.generation()) cache_[cache_key(id)] = h;
 }
 
 void Token::generate_hmac_key(const ObjectId& id, size_t bytes, const std::string& label) {

@@ -37,6 +37,10 @@ class Token {
   // decrypt. Every boolean is set explicitly (SoftHSM turns several on by default).
   void generate_aes_key(const ObjectId& id, size_t bytes, const std::string& label);
 
+  // The same kind of AES key from caller-supplied material (C_CreateObject); the template's
+  // copy of the value is wiped, the caller wipes its own.
+  void import_aes_key(const ObjectId& id, const SecureBytes& value, const std::string& label);
+
   // A persistent, private, sensitive, non-extractable generic secret usable only to compute
   // and check HMACs (CKA_SIGN/CKA_VERIFY), e.g. the audit log's key.
   void generate_hmac_key(const ObjectId& id, size_t bytes, const std::string& label);

@@ -13,6 +13,7 @@ enum class ErrorKind {
   not_found,         // 404
   conflict,          // 409
   forbidden,         // 403
+  gone,              // 410: the key was deleted; its id is never reused
   payload_too_large, // 413
   unavailable,       // 503: the token (or store) cannot serve right now
   internal,          // 500
@@ -36,6 +37,10 @@ inline KeyError invalid(const std::string& message, std::string code = "invalid_
 inline KeyError not_found(const std::string& message) {
   return KeyError(ErrorKind::not_found, "not_found", message);
 }
+inline KeyError conflict(const std::string& message, std::string code = "conflict") {
+  return KeyError(ErrorKind::conflict, std::move(code), message);
+}
+inline KeyError gone(const std::string& message) { return KeyError(ErrorKind::gone, "gone", message); }
 inline KeyError unavailable(const std::string& message) {
   return KeyError(ErrorKind::unavailable, "unavailable", message);
 }

@@ -64,6 +64,23 @@ store::KeyRecord Key::with_config(const KeyConfigChange& c) const {
   return next;
 }
 
+int Key::state_at(int64_t now) const {
+  if (r_.state == store::kDestroyed) return store::kDestroyed;
+  if (r_.expires_at != 0 && now >= r_.expires_at) return store::kDeactivated;
+  return r_.state;
+}
+
+void Key::require_state_for(KeyUse use, int64_t now) const {
+  int state = state_at(now);
+  if (state == store::kDestroyed) throw gone("key \"" + r_.name + "\" has been deleted");
+  if (state == store::kActive) return;
+  if (state == store::kDeactivated && (use == KeyUse::decrypt || use == KeyUse::read_material)) return;
+  std::string why = state == store::kSuspended   ? "is suspended (disabled); enable it first"
+                    : state == store::kDeactivated ? "is deactivated: its expiration date has passed"
+                                                   : "is not active yet";
+  throw conflict("key \"" + r_.name + "\" " + why, "key_state");
+}
+
 std::string Key::label_for(int version) const {
   return "p11kms/" + r_.ns + "/" + r_.name + "/v" + std::to_string(version);
 }

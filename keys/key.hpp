@@ -16,6 +16,14 @@ struct KeyConfigChange {
   std::optional<bool> deletion_allowed;
 };
 
+// What a caller is about to do with a key; each state allows some of these.
+enum class KeyUse {
+  encrypt,  // encrypt, wrap, rewrap, datakey: needs an active key
+  decrypt,  // decrypt, unwrap: also allowed once the key has expired (deactivated)
+  rotate,   // needs an active key
+  read_material,  // a standard key's payload
+};
+
 class Key {
  public:
   explicit Key(store::KeyRecord record) : r_(std::move(record)) {}
@@ -35,6 +43,11 @@ class Key {
   store::KeyRecord with_config(const KeyConfigChange& change) const;
 
   std::string label_for(int version) const;  // CKA_LABEL: p11kms/<namespace>/<name>/v<n>
+
+  // Key Protect's state as of `now`: a key past its expiration date is deactivated.
+  int state_at(int64_t now) const;
+  // 410 for a deleted key, 409 naming the state when it does not allow `use`.
+  void require_state_for(KeyUse use, int64_t now) const;
 
  private:
   store::KeyRecord r_;

@@ -55,6 +55,20 @@ def decrypt(srv, name, ct):
     return unb64(call(srv, "POST", "/v1/transit/decrypt/" + name, {"ciphertext": ct})["plaintext"])
 
 
+def kms(srv, method, path, body=None, status=200):
+    r = srv.request(method, "/kms/api/v2/keys" + path, json=body, token=False,
+                    headers={"Authorization": "Bearer " + srv.token})
+    assert r.status_code == status, describe(r)
+    return r.json() if r.content else None
+
+
+def kms_create(srv, name, **resource):
+    resource.update({"type": "application/vnd.ibm.kms.key+json", "name": name})
+    body = {"metadata": {"collectionType": "application/vnd.ibm.kms.key+json", "collectionTotal": 1},
+            "resources": [resource]}
+    return kms(srv, "POST", "", body, status=201)["resources"][0]
+
+
 def list_keys(srv):
     r = srv.request("LIST", "/v1/transit/keys")
     if r.status_code == 404:
@@ -267,6 +281,33 @@ def _custody_scenario(srv):
         assert decrypt(srv, name, ct) == marker
         secrets.append(("plaintext sent to encrypt %s" % name, marker))
 
+    # Key Protect dialect: a generated root key (rotated), an imported root key and a standard
+    # key; the imported material, the standard key and every DEK must stay out of store and log.
+    kroot, kimp, kstd = (unique_name(p) for p in ("kroot", "kimp", "kstd"))
+    imported, std_material = os.urandom(32), os.urandom(64)
+    root_id = kms_create(srv, kroot)["id"]
+    kms_create(srv, kimp, payload=b64(imported))
+    std_id = kms_create(srv, kstd, extractable=True, payload=b64(std_material))["id"]
+    secrets += [("imported root key", imported), ("standard key material", std_material)]
+    types.update({kroot: "aes256-gcm96", kimp: "aes256-gcm96", kstd: "standard"})
+    assert unb64(kms(srv, "GET", "/" + std_id)["resources"][0]["payload"]) == std_material
+    wrapped = []
+    for i in range(3):
+        dek = os.urandom(32)
+        secrets.append(("DEK %d" % i, dek))
+        w = kms(srv, "POST", "/%s?action=wrap" % root_id, {"plaintext": b64(dek), "aad": ["custody"]})
+        wrapped.append((dek, w["ciphertext"]))
+        if i == 1:
+            kms(srv, "POST", "/%s?action=rotate" % root_id, status=204)
+    generated = kms(srv, "POST", "/%s?action=wrap" % kimp, {})
+    secrets.append(("generated DEK", unb64(generated["plaintext"])))
+    wrapped_imp = generated["ciphertext"]
+    for dek, ct in wrapped:
+        u = kms(srv, "POST", "/%s?action=unwrap" % root_id, {"ciphertext": ct, "aad": ["custody"]})
+        assert unb64(u["plaintext"]) == dek
+    assert unb64(kms(srv, "POST", "/%s?action=unwrap" % kimp, {"ciphertext": wrapped_imp})["plaintext"]) \
+        == unb64(generated["plaintext"])
+
     configure(srv, kgone, deletion_allowed=True)
     r = srv.request("DELETE", "/v1/transit/keys/" + kgone)
     assert r.status_code == 204, describe(r)
@@ -277,13 +318,15 @@ def _custody_scenario(srv):
 
     live = sorted(list_keys(srv))
     assert kgone not in live
-    assert set(live) == {k128, k256, krot}, live
+    assert set(live) == {k128, k256, krot, kroot, kimp, kstd}, live
     expected = set()
     for name in live:
         info = read(srv, name)
         assert info["type"] == types[name]
-        expected |= {(name, v) for v in range(1, info["latest_version"] + 1)}
-    assert expected == {(k128, 1), (k128, 2), (k256, 1), (krot, 1), (krot, 2), (krot, 3)}
+        if info["type"] != "standard":   # standard keys are sealed in the store, not token objects
+            expected |= {(name, v) for v in range(1, info["latest_version"] + 1)}
+    assert expected == {(k128, 1), (k128, 2), (k256, 1), (krot, 1), (krot, 2), (krot, 3),
+                        (kroot, 1), (kroot, 2), (kimp, 1)}
 
     # the store, while the server runs (recent writes sit in the WAL)
     assert_absent(secrets + [("root token", srv.token.encode())], store_bytes(srv.data_dir),
@@ -350,8 +393,9 @@ def _custody_scenario(srv):
         assert o["CKA_ENCRYPT"] is True and o["CKA_DECRYPT"] is True, what
         for attr in ("CKA_WRAP", "CKA_UNWRAP", "CKA_SIGN", "CKA_VERIFY", "CKA_DERIVE"):
             assert o[attr] is False, "%s has %s true" % (what, attr)
-        assert o["CKA_ALWAYS_SENSITIVE"] is True, what + " was not always sensitive"
-        assert o["CKA_NEVER_EXTRACTABLE"] is True, what + " was extractable at some point"
+        if name != kimp:   # an imported key's value came from outside, by definition
+            assert o["CKA_ALWAYS_SENSITIVE"] is True, what + " was not always sensitive"
+            assert o["CKA_NEVER_EXTRACTABLE"] is True, what + " was extractable at some point"
         assert o["id"] and len(bytes.fromhex(o["id"])) == 16, "%s: CKA_ID %r" % (what, o["id"])
         assert o["id"] not in ids, what + " shares its CKA_ID"
         ids.add(o["id"])

@@ -1,5 +1,6 @@
 // The PKCS#11 layer against a real SoftHSM token.
 #include <gtest/gtest.h>
+#include <openssl/evp.h>
 
 #include <atomic>
 #include <thread>
@@ -47,6 +48,35 @@ TEST_F(TokenTest, AesKeyHasCustodyAttributes) {
   EXPECT_TRUE(bool_attr(pool_, id, CKA_ENCRYPT));
   EXPECT_TRUE(bool_attr(pool_, id, CKA_DECRYPT));
   for (auto a : {CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE}) EXPECT_FALSE(bool_attr(pool_, id, a));
+}
+
+// An imported key is as locked down as a generated one, and it is the caller's key: a
+// ciphertext made in the token opens with OpenSSL under the same material.
+TEST_F(TokenTest, ImportedAesKeyHasCustodyAttributesAndTheGivenValue) {
+  auto id = ops_.new_object_id();
+  hsm::SecureBytes value(32);
+  for (size_t i = 0; i < value.size(); ++i) value.data()[i] = static_cast<uint8_t>(i * 7 + 1);
+  ops_.import_aes_key(id, value, "p11kms/root/imported/v1");
+  EXPECT_FALSE(bool_attr(pool_, id, CKA_EXTRACTABLE));
+  EXPECT_TRUE(bool_attr(pool_, id, CKA_SENSITIVE));
+  EXPECT_TRUE(bool_attr(pool_, id, CKA_TOKEN));
+  EXPECT_TRUE(bool_attr(pool_, id, CKA_ENCRYPT));
+  for (auto a : {CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE}) EXPECT_FALSE(bool_attr(pool_, id, a));
+
+  hsm::Bytes iv(12, 0x42), aad;
+  std::string msg = "imported";
+  auto ct = ops_.aes_gcm_encrypt(id, iv, aad, reinterpret_cast<const uint8_t*>(msg.data()), msg.size());
+  ASSERT_EQ(ct.size(), msg.size() + 16);
+  EVP_CIPHER_CTX* c = EVP_CIPHER_CTX_new();
+  ASSERT_EQ(EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), nullptr, value.data(), iv.data()), 1);
+  std::vector<uint8_t> pt(msg.size());
+  int n = 0;
+  ASSERT_EQ(EVP_DecryptUpdate(c, pt.data(), &n, ct.data(), static_cast<int>(msg.size())), 1);
+  EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, 16, ct.data() + msg.size());
+  int fin = 0;
+  EXPECT_EQ(EVP_DecryptFinal_ex(c, pt.data() + n, &fin), 1);
+  EVP_CIPHER_CTX_free(c);
+  EXPECT_EQ(std::string(pt.begin(), pt.end()), msg);
 }
 
 TEST_F(TokenTest, GcmRoundTripAndTamperDetection) {

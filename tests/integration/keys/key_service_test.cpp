@@ -2,6 +2,8 @@
 // crash safety (what the start-up sweep does with what a crash leaves behind).
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <ctime>
 #include <set>
 #include <thread>
 
@@ -214,3 +216,157 @@ TEST_F(KeyServiceTest, NamespacesAreSeparate) {
 }
 
 }  // namespace
+
+// ---- Key Protect operations (wrap/unwrap/rotate/states/standard keys/tombstones) ----
+
+namespace {
+hsm::SecureBytes bytes_of(const std::string& s) {
+  return hsm::SecureBytes(reinterpret_cast<const uint8_t*>(s.data()), s.size());
+}
+std::string text_of(const hsm::SecureBytes& b) { return std::string(b.data(), b.data() + b.size()); }
+}  // namespace
+
+TEST_F(KeyServiceTest, WrapUnwrapBindsAadAndSurvivesRotationWithRewrap) {
+  auto created = ks_.create_key(ref_, keys::KeySpec{});
+  ASSERT_TRUE(created.created);
+  keys::KeyRef ref{"root", "orders", created.key.id};
+  auto dek = bytes_of("a data key of 32 bytes exactly!!");
+  auto w1 = ks_.wrap(ref, &dek, {"tenant-a", ""});
+  EXPECT_EQ(w1.wrapped.version_id, created.key.versions.at(1).id);
+  EXPECT_FALSE(w1.generated.has_value());
+
+  auto u = ks_.unwrap(ref, w1.wrapped.ciphertext, {"tenant-a", ""});
+  EXPECT_EQ(text_of(u.plaintext), text_of(dek));
+  EXPECT_FALSE(u.rewrapped.has_value());
+  // AAD is bound: a different list, order or split is refused.
+  for (std::vector<std::string> aad : std::vector<std::vector<std::string>>{{}, {"tenant-a"}, {"", "tenant-a"}, {"tenant-", "a"}})
+    EXPECT_EQ(kind_of([&] { ks_.unwrap(ref, w1.wrapped.ciphertext, aad); }), keys::ErrorKind::invalid_argument);
+
+  auto rotated = ks_.rotate_key(ref);
+  auto u2 = ks_.unwrap(ref, w1.wrapped.ciphertext, {"tenant-a", ""});
+  EXPECT_EQ(u2.version_id, created.key.versions.at(1).id);
+  ASSERT_TRUE(u2.rewrapped.has_value());
+  EXPECT_EQ(u2.rewrapped->version_id, rotated.versions.at(2).id);
+  auto u3 = ks_.unwrap(ref, u2.rewrapped->ciphertext, {"tenant-a", ""});
+  EXPECT_EQ(text_of(u3.plaintext), text_of(dek));
+  EXPECT_FALSE(u3.rewrapped.has_value());
+}
+
+TEST_F(KeyServiceTest, AnotherKeysCiphertextAndGeneratedDeksAreHandled) {
+  keys::KeyRef other{"root", "other"};
+  ks_.create_key(ref_, keys::KeySpec{});
+  ks_.create_key(other, keys::KeySpec{});
+  auto w = ks_.wrap(ref_, nullptr, {});
+  ASSERT_TRUE(w.generated.has_value());
+  EXPECT_EQ(w.generated->size(), keys::kGeneratedDekBytes);
+  EXPECT_EQ(kind_of([&] { ks_.unwrap(other, w.wrapped.ciphertext, {}); }), keys::ErrorKind::invalid_argument);
+  EXPECT_EQ(text_of(ks_.unwrap(ref_, w.wrapped.ciphertext, {}).plaintext), text_of(*w.generated));
+}
+
+TEST_F(KeyServiceTest, WrapLimitsAreEnforced) {
+  ks_.create_key(ref_, keys::KeySpec{});
+  hsm::SecureBytes big(keys::kMaxWrapPlaintextBytes + 1), max(keys::kMaxWrapPlaintextBytes), empty;
+  EXPECT_EQ(kind_of([&] { ks_.wrap(ref_, &big, {}); }), keys::ErrorKind::invalid_argument);
+  EXPECT_EQ(kind_of([&] { ks_.wrap(ref_, &empty, {}); }), keys::ErrorKind::invalid_argument);
+  ks_.wrap(ref_, &max, std::vector<std::string>(keys::kMaxWrapAadEntries, std::string(255, 'x')));
+  EXPECT_EQ(kind_of([&] { ks_.wrap(ref_, &max, std::vector<std::string>(keys::kMaxWrapAadEntries + 1)); }),
+            keys::ErrorKind::invalid_argument);
+  EXPECT_EQ(kind_of([&] { ks_.wrap(ref_, &max, {std::string(256, 'x')}); }), keys::ErrorKind::invalid_argument);
+}
+
+TEST_F(KeyServiceTest, ImportedRootKeyIsTheCallersKeyAndRotatesOnlyWithMaterial) {
+  auto material = bytes_of(std::string(32, 'k'));
+  keys::KeySpec spec;
+  spec.material = &material;
+  auto created = ks_.create_key(ref_, spec);
+  EXPECT_TRUE(created.key.imported);
+  // The imported object serves transit too (tests/integration/hsm checks it is the caller's key).
+  std::string ct = enc("hello");
+  EXPECT_EQ(dec(ct), "hello");
+  EXPECT_EQ(kind_of([&] { ks_.rotate_key(ref_); }), keys::ErrorKind::invalid_argument);
+  auto short_material = bytes_of(std::string(16, 'k'));
+  EXPECT_EQ(kind_of([&] { ks_.rotate_key(ref_, &short_material); }), keys::ErrorKind::invalid_argument);
+  auto next = bytes_of(std::string(32, 'n'));
+  EXPECT_EQ(ks_.rotate_key(ref_, &next).latest_version(), 2);
+  EXPECT_EQ(dec(ct), "hello");
+
+  keys::KeyRef generated{"root", "generated"};
+  ks_.create_key(generated, keys::KeySpec{});
+  EXPECT_EQ(kind_of([&] { ks_.rotate_key(generated, &next); }), keys::ErrorKind::invalid_argument);
+  auto wrong = bytes_of(std::string(31, 'k'));
+  keys::KeySpec bad;
+  bad.material = &wrong;
+  EXPECT_EQ(kind_of([&] { ks_.create_key(keys::KeyRef{"root", "bad"}, bad); }), keys::ErrorKind::invalid_argument);
+  EXPECT_FALSE(ks_.key_exists(keys::KeyRef{"root", "bad"}));
+}
+
+TEST_F(KeyServiceTest, StandardKeysAreSealedOffTokenAndReadBack) {
+  auto labels_before = object_labels();
+  auto material = bytes_of(std::string(48, 's'));
+  keys::KeySpec spec;
+  spec.type = "standard";
+  spec.material = &material;
+  auto created = ks_.create_key(ref_, spec);
+  EXPECT_TRUE(created.key.exportable);
+  EXPECT_TRUE(created.key.versions.at(1).object_id.empty());
+  EXPECT_FALSE(created.key.versions.at(1).sealed.empty());
+  EXPECT_EQ(text_of(ks_.read_material(ref_)), std::string(48, 's'));
+  // No per-key object: at most the one master key appeared on the token.
+  auto labels_after = object_labels();
+  EXPECT_LE(labels_after.size(), labels_before.size() + 1);
+  EXPECT_TRUE(labels_after.count("p11kms-system/master-key"));
+
+  keys::KeyRef gen{"root", "gen"};
+  keys::KeySpec gspec;
+  gspec.type = "standard";
+  ks_.create_key(gen, gspec);
+  EXPECT_EQ(ks_.read_material(gen).size(), 32u);
+  EXPECT_NE(text_of(ks_.read_material(gen)), std::string(32, '\0'));
+  // Standard keys do not wrap, encrypt or rotate.
+  EXPECT_EQ(kind_of([&] { ks_.wrap(ref_, nullptr, {}); }), keys::ErrorKind::invalid_argument);
+  EXPECT_EQ(kind_of([&] { enc("x"); }), keys::ErrorKind::invalid_argument);
+  EXPECT_EQ(kind_of([&] { ks_.rotate_key(gen); }), keys::ErrorKind::invalid_argument);
+  // Root keys are not exportable.
+  keys::KeyRef root_key{"root", "rootkey"};
+  ks_.create_key(root_key, keys::KeySpec{});
+  EXPECT_EQ(kind_of([&] { ks_.read_material(root_key); }), keys::ErrorKind::invalid_argument);
+}
+
+TEST_F(KeyServiceTest, DisableEnableAndDeleteLeaveATombstone) {
+  auto created = ks_.create_key(ref_, keys::KeySpec{});
+  keys::KeyRef ref{"root", "orders", created.key.id};
+  auto w = ks_.wrap(ref, nullptr, {});
+  EXPECT_EQ(ks_.set_enabled(ref, false).state, store::kSuspended);
+  EXPECT_EQ(kind_of([&] { ks_.wrap(ref, nullptr, {}); }), keys::ErrorKind::conflict);
+  EXPECT_EQ(kind_of([&] { ks_.unwrap(ref, w.wrapped.ciphertext, {}); }), keys::ErrorKind::conflict);
+  EXPECT_EQ(kind_of([&] { ks_.set_enabled(ref, false); }), keys::ErrorKind::conflict);
+  EXPECT_EQ(ks_.set_enabled(ref, true).state, store::kActive);
+  EXPECT_EQ(kind_of([&] { ks_.set_enabled(ref, true); }), keys::ErrorKind::conflict);
+
+  ks_.rotate_key(ref);
+  auto tomb = ks_.delete_key(ref, /*require_deletion_allowed=*/false);
+  EXPECT_EQ(tomb.state, store::kDestroyed);
+  EXPECT_EQ(tomb.id, created.key.id);
+  EXPECT_EQ(object_labels().count("p11kms/root/orders/v1") + object_labels().count("p11kms/root/orders/v2"), 0u);
+  auto found = ks_.find_key("root", created.key.id);
+  ASSERT_TRUE(found.has_value());
+  EXPECT_EQ(found->state, store::kDestroyed);
+  EXPECT_FALSE(ks_.find_key("root", "orders").has_value());
+  // The name is free again; the old id still names the tombstone, not the new key.
+  auto again = ks_.create_key(ref_, keys::KeySpec{});
+  EXPECT_NE(again.key.id, created.key.id);
+  EXPECT_EQ(kind_of([&] { ks_.wrap(ref, nullptr, {}); }), keys::ErrorKind::not_found);
+  EXPECT_EQ(ks_.find_key("root", created.key.id)->state, store::kDestroyed);
+}
+
+TEST_F(KeyServiceTest, ExpiredKeyUnwrapsButNoLongerWraps) {
+  keys::KeySpec spec;
+  spec.expires_at = std::time(nullptr) + 2;
+  ks_.create_key(ref_, spec);
+  auto w = ks_.wrap(ref_, nullptr, {});
+  std::this_thread::sleep_for(std::chrono::milliseconds(2100));
+  // Expiry is a function of time, not a write: read straight away.
+  if (std::time(nullptr) < spec.expires_at) std::this_thread::sleep_for(std::chrono::seconds(1));
+  EXPECT_EQ(kind_of([&] { ks_.wrap(ref_, nullptr, {}); }), keys::ErrorKind::conflict);
+  EXPECT_EQ(text_of(ks_.unwrap(ref_, w.wrapped.ciphertext, {}).plaintext), text_of(*w.generated));
+}

@@ -125,3 +125,47 @@ TEST(TransitEnvelope, RejectsTooShort) {
   expect_rejected("vault:v1:" + enc::base64_encode(seq(12, 0)));
   expect_rejected("vault:v1:" + enc::base64_encode(seq(1, 0)));
 }
+
+// The KMS wrap envelope carries its version so unwrap works after rotation.
+TEST(WrapEnvelope, RoundTripsVersionIvAndSealed) {
+  std::vector<uint8_t> iv(12, 7), sealed(40, 9);
+  auto text = keys::format_wrap_ciphertext(70000, iv, sealed);
+  auto ct = keys::parse_wrap_ciphertext(text);
+  EXPECT_EQ(ct.version, 70000);
+  EXPECT_EQ(ct.iv, iv);
+  EXPECT_EQ(ct.sealed, sealed);
+}
+
+TEST(WrapEnvelope, RejectsEmptyGarbageShortAndForeignFormats) {
+  for (const std::string bad : {"", "not base64!", "AAAA", "vault:v1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}) {
+    try {
+      keys::parse_wrap_ciphertext(bad);
+      ADD_FAILURE() << "accepted " << bad;
+    } catch (const keys::KeyError& e) {
+      EXPECT_EQ(e.kind(), keys::ErrorKind::invalid_argument);
+    }
+  }
+  // Right length, wrong format byte.
+  std::vector<uint8_t> blob(5 + 12 + 16, 0);
+  blob[0] = 2;
+  blob[4] = 1;
+  EXPECT_THROW(keys::parse_wrap_ciphertext(enc::base64_encode(blob)), keys::KeyError);
+  // Version 0 is never made.
+  blob[0] = 1;
+  blob[4] = 0;
+  EXPECT_THROW(keys::parse_wrap_ciphertext(enc::base64_encode(blob)), keys::KeyError);
+}
+
+TEST(WrapAad, LengthPrefixingKeepsSplitsApartAndBindsTheKey) {
+  EXPECT_NE(keys::wrap_aad("k", {"ab", "c"}), keys::wrap_aad("k", {"a", "bc"}));
+  EXPECT_NE(keys::wrap_aad("k", {}), keys::wrap_aad("k", {""}));
+  EXPECT_NE(keys::wrap_aad("k1", {"x"}), keys::wrap_aad("k2", {"x"}));
+  EXPECT_EQ(keys::wrap_aad("k", {"x", "y"}), keys::wrap_aad("k", {"x", "y"}));
+}
+
+TEST(SealedMaterialAad, DiffersPerNamespaceKeyAndVersion) {
+  auto a = keys::sealed_material_aad("root", "id", 1);
+  EXPECT_NE(a, keys::sealed_material_aad("other", "id", 1));
+  EXPECT_NE(a, keys::sealed_material_aad("root", "id2", 1));
+  EXPECT_NE(a, keys::sealed_material_aad("root", "id", 2));
+}

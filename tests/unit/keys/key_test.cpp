@@ -272,3 +272,38 @@ TEST(Digest, UnknownAlgorithmRefusedNamingIt) {
     EXPECT_TRUE(contains(msg, "\"" + alg + "\"")) << msg;
   }
 }
+
+// Key Protect's states: what each allows, and expiry turning an active key deactivated.
+TEST(KeyState, ExpiryDeactivatesAndDecryptStillWorks) {
+  auto r = record(1);
+  r.expires_at = 1000;
+  keys::Key k(r);
+  EXPECT_EQ(k.state_at(999), store::kActive);
+  EXPECT_EQ(k.state_at(1000), store::kDeactivated);
+  k.require_state_for(keys::KeyUse::decrypt, 2000);  // allowed
+  auto msg = p11kms::test_support::expect_key_error([&] { k.require_state_for(keys::KeyUse::encrypt, 2000); },
+                                                    keys::ErrorKind::conflict);
+  EXPECT_TRUE(contains(msg, "deactivated")) << msg;
+  p11kms::test_support::expect_key_error([&] { k.require_state_for(keys::KeyUse::rotate, 2000); },
+                                         keys::ErrorKind::conflict);
+}
+
+TEST(KeyState, SuspendedRefusesEverythingButMetadata) {
+  auto r = record(1);
+  r.state = store::kSuspended;
+  keys::Key k(r);
+  for (auto use : {keys::KeyUse::encrypt, keys::KeyUse::decrypt, keys::KeyUse::rotate, keys::KeyUse::read_material}) {
+    auto msg = p11kms::test_support::expect_key_error([&] { k.require_state_for(use, 0); }, keys::ErrorKind::conflict);
+    EXPECT_TRUE(contains(msg, "suspended")) << msg;
+  }
+}
+
+TEST(KeyState, DestroyedIsGoneEvenIfExpired) {
+  auto r = record(1);
+  r.state = store::kDestroyed;
+  r.expires_at = 10;
+  keys::Key k(r);
+  EXPECT_EQ(k.state_at(100), store::kDestroyed);
+  p11kms::test_support::expect_key_error([&] { k.require_state_for(keys::KeyUse::decrypt, 100); },
+                                         keys::ErrorKind::gone);
+}

@@ -1,0 +1,42 @@
+// A dialect is one API family over the one KeyService: where it is mounted, its route table,
+// how it names namespaces, and the shapes of its answers and errors. ApiService runs the same
+// pipeline (auth, rate limit, routing, namespace, policy, body) for every dialect.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "api/http/types.hpp"
+#include "api/route.hpp"
+
+namespace p11kms::api {
+
+struct Dialect {
+  std::string name;           // "vault", "kms"
+  std::string mount;          // request path prefix, e.g. "/v1/"
+  std::string policy_prefix;  // prepended to the path after the mount for policy checks ("kms/")
+  Router router;
+  // What a request without a valid token gets: Vault answers 403, Key Protect 401.
+  int unauthenticated_status = 403;
+  // Headers that name the namespace, first present wins; absent = "root".
+  std::vector<std::string> namespace_headers;
+  // Vault's verbs: PUT is POST, GET with ?list=true is LIST; trailing '/' trimmed from the
+  // namespace. Otherwise methods and namespaces are taken verbatim.
+  bool vault_conventions = false;
+  // Whether routes are selected by `?action=` (Key Protect).
+  bool uses_actions = false;
+  http::Response (*render)(const Reply& reply, const std::string& request_id) = nullptr;
+  http::Response (*error)(int status, const std::string& code, const std::string& message) = nullptr;
+
+  // The policy path of a request: prefix + path after the mount (no trailing '/') + "/<action>".
+  std::string policy_path(const std::string& path, const Route* route) const;
+  // The policy path pattern of a route for docs: :param shown as <param>.
+  std::string policy_pattern(const Route& route) const;
+};
+
+// The dialects' route tables: pure declarations (callbacks reach the service through their
+// Context), so they can also be rendered as documentation without a token or a store.
+Dialect vault_dialect(const std::string& version);  // /v1/: transit, sys, auth
+Dialect kms_dialect();                              // /kms/api/v2/: Key Protect-style keys
+
+}  // namespace p11kms::api
