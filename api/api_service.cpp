@@ -225,6 +225,9 @@ http::Response ApiService::handle(const http::Request& request) {
         resp = shape.error(503, "audit_unavailable", "the audit log cannot be written; request refused");
     }
   }
+  // A HEAD answer never carries a body, errors included: on a keep-alive connection the bytes
+  // would be read as the next response.
+  if (request.method == "HEAD") resp.body.clear();
   resp.headers.emplace_back("X-Request-Id", request_id);
   if (auto cid = request.header("correlation-id"); cid && sane_header_value(*cid))
     resp.headers.emplace_back("correlation-id", *cid);

@@ -86,7 +86,8 @@ class MetadataStore {
   virtual std::optional<KeyRecord> get_key_by_id(const std::string& ns, const std::string& id) = 0;
   // Names of the live keys in one namespace, sorted ascending.
   virtual std::vector<std::string> list_keys(const std::string& ns) = 0;
-  // Full records (with versions) of one namespace's keys, sorted by created_at then id; with
+  // Full records (with versions) of one namespace's keys in creation order (ties within one
+  // second broken by insertion order, so paging is stable); with
   // include_deleted, tombstones too.
   virtual std::vector<KeyRecord> list_key_records(const std::string& ns, bool include_deleted) = 0;
 

@@ -419,7 +419,7 @@ class SqliteStore final : public MetadataStore {
     std::lock_guard<std::mutex> lock(mu_);
     Statement q = conn_.prepare("SELECT" P11KMS_KEY_COLUMNS
                                 "WHERE k.ns = ?1 AND (?2 OR k.deleted_at = 0)"
-                                " ORDER BY k.created_at, k.uuid, k.id, v.version",
+                                " ORDER BY k.created_at, k.id, v.version",
                                 "list key records");
     q.bind(1, ns).bind(2, include_deleted);
     return read_keys(q);
