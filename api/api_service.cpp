@@ -125,16 +125,33 @@ json parse_body(const std::string& body, size_t max_depth) {
   }
 }
 
-std::string Dialect::policy_path(const std::string& path, const Route* route) const {
-  std::string p = policy_prefix + path;
-  while (!p.empty() && p.back() == '/') p.pop_back();
-  if (route && !route->action.empty()) p += "/" + route->action;
-  return p;
+std::string Dialect::policy_path(const std::string& path, const Route* route,
+                                 const std::map<std::string, std::string>& params) const {
+  if (!route || route->policy_pattern.empty()) {
+    std::string p = policy_prefix + path;
+    while (!p.empty() && p.back() == '/') p.pop_back();
+    return p;
+  }
+  std::string out = policy_prefix;
+  const std::string& pattern = route->policy_pattern;
+  size_t i = 0;
+  while (i < pattern.size()) {
+    if (pattern[i] == ':' && (i == 0 || pattern[i - 1] == '/')) {
+      size_t end = pattern.find('/', i);
+      if (end == std::string::npos) end = pattern.size();
+      auto it = params.find(pattern.substr(i + 1, end - i - 1));
+      out += it == params.end() ? std::string() : it->second;
+      i = end;
+    } else {
+      out += pattern[i++];
+    }
+  }
+  return out;
 }
 
 std::string Dialect::policy_pattern(const Route& route) const {
+  const std::string& pattern = route.policy_pattern.empty() ? route.pattern : route.policy_pattern;
   std::string out;
-  const std::string& pattern = route.pattern;
   size_t i = 0;
   while (i < pattern.size()) {
     if (pattern[i] == ':' && (i == 0 || pattern[i - 1] == '/')) {
@@ -146,7 +163,7 @@ std::string Dialect::policy_pattern(const Route& route) const {
       out += pattern[i++];
     }
   }
-  return policy_prefix + out + (route.action.empty() ? "" : "/" + route.action);
+  return policy_prefix + out;
 }
 
 ApiService::ApiService(keys::KeyService& keys, const policy::AccessControl& access, ApiLimits limits,
@@ -250,7 +267,34 @@ http::Response ApiService::handle_dialect(const Dialect& d, const http::Request&
       if (method == "GET" && request.query_param("list").value_or("") == "true") method = "LIST";
     }
     std::string action = d.uses_actions ? request.query_param("action").value_or("") : "";
-    auto m = d.router.match(method, path, action);
+    std::string ns = "root";
+    for (const auto& h : d.namespace_headers) {
+      auto value = request.header(h);
+      if (!value) continue;
+      std::string n = *value;
+      if (d.vault_conventions)
+        while (!n.empty() && n.back() == '/') n.pop_back();
+      if (!n.empty()) ns = n;
+      break;
+    }
+    // A transit engine mounted elsewhere (`payments/encrypt/x`) is served by the transit
+    // routes; its keys live in the mount's own key space. The policy path stays the request's.
+    std::string route_path = path;
+    std::string keyspace = ns;
+    if (d.vault_conventions && mounts_ && valid_namespace(ns)) {
+      std::string first = path.substr(0, path.find('/'));
+      if (first != "sys" && first != "auth" && first != keys::MountRegistry::kDefaultPath && !first.empty() &&
+          first.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") ==
+              std::string::npos &&
+          mounts_->find(ns, first)) {
+        route_path = std::string(keys::MountRegistry::kDefaultPath) + path.substr(first.size());
+        keyspace = keys::MountRegistry::keyspace(ns, first);
+      }
+    }
+    // Vault's router takes `sys/mounts/payments/` as `sys/mounts/payments`.
+    if (d.vault_conventions)
+      while (route_path.size() > 1 && route_path.back() == '/') route_path.pop_back();
+    auto m = d.router.match(method, route_path, action);
     auto rules = access_.current();  // one snapshot for the whole request (SIGHUP may swap it)
     const policy::TokenEntry* token = nullptr;
     bool needs_auth = m.outcome != Router::Outcome::found || m.route->authenticated;
@@ -293,27 +337,21 @@ http::Response ApiService::handle_dialect(const Dialect& d, const http::Request&
     ctx.token = token;
     ctx.params = m.params;
     ctx.policies = &rules->policies;
-    ctx.path = d.policy_path(path, m.route);
+    ctx.path = d.policy_path(path, m.route, m.params);
     if (m.route->authenticated)
       record.capability = m.route->capability ? policy::capability_name(static_cast<policy::Capability>(m.route->capability))
                                               : "any";
     if (m.params.count("name")) record.key = m.params.at("name");
     if (m.params.count("id")) record.key = m.params.at("id");
-    for (const auto& h : d.namespace_headers) {
-      auto ns = request.header(h);
-      if (!ns) continue;
-      std::string n = *ns;
-      if (d.vault_conventions)
-        while (!n.empty() && n.back() == '/') n.pop_back();
-      if (!n.empty()) ctx.ns = n;
-      break;
-    }
-    record.ns = ctx.ns;
-    if (!valid_namespace(ctx.ns))
+    ctx.tenant = ns;
+    ctx.ns = keyspace;
+    ctx.mounts = mounts_;
+    record.ns = ns;
+    if (!valid_namespace(ns))
       return d.error(400, "invalid_namespace",
                      "invalid namespace in " + d.namespace_headers.front() + ": 1 to 64 characters of [A-Za-z0-9._-]");
-    if (token && !may_use_namespace(*token, ctx.ns))
-      return d.error(403, "forbidden", "permission denied: this token may not use namespace \"" + ctx.ns + "\"");
+    if (token && !may_use_namespace(*token, ns))
+      return d.error(403, "forbidden", "permission denied: this token may not use namespace \"" + ns + "\"");
     // The policy is checked on the request's own path before anything looks at a key, so a
     // refusal never tells whether the key exists.
     if (token && m.route->capability != 0 &&

@@ -9,6 +9,7 @@
 #include "api/route.hpp"
 #include "audit/audit_sink.hpp"
 #include "keys/key_service.hpp"
+#include "keys/mount_registry.hpp"
 #include "policy/access_control.hpp"
 #include "policy/rate_limiter.hpp"
 
@@ -35,6 +36,9 @@ class ApiService {
   http::Response handle(const http::Request& request);
   // Every request is then written to this log before its response is sent (nullptr: none).
   void set_audit(audit::AuditSink* sink) { audit_ = sink; }
+  // Vault mounts: transit routes then also answer under every enabled mount (nullptr: only
+  // transit/).
+  void set_mounts(keys::MountRegistry* mounts) { mounts_ = mounts; }
   // After the listener stopped accepting: waits until no request is being handled (or the
   // timeout passes), so nothing it uses (token sessions, store) is torn down under it.
   bool drain(std::chrono::milliseconds timeout);
@@ -51,6 +55,7 @@ class ApiService {
   std::vector<Dialect> dialects_;
   std::unique_ptr<policy::RateLimiter> rate_limiter_;
   audit::AuditSink* audit_ = nullptr;
+  keys::MountRegistry* mounts_ = nullptr;
   std::mutex inflight_mu_;
   std::condition_variable inflight_cv_;
   size_t inflight_ = 0;

@@ -3,6 +3,7 @@
 // pipeline (auth, rate limit, routing, namespace, policy, body) for every dialect.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -28,8 +29,10 @@ struct Dialect {
   http::Response (*render)(const Reply& reply, const std::string& request_id) = nullptr;
   http::Response (*error)(int status, const std::string& code, const std::string& message) = nullptr;
 
-  // The policy path of a request: prefix + path after the mount (no trailing '/') + "/<action>".
-  std::string policy_path(const std::string& path, const Route* route) const;
+  // The policy path of a request: prefix + the route's policy pattern with the request's
+  // parameters, or else the path after the mount (no trailing '/').
+  std::string policy_path(const std::string& path, const Route* route,
+                          const std::map<std::string, std::string>& params) const;
   // The policy path pattern of a route for docs: :param shown as <param>.
   std::string policy_pattern(const Route& route) const;
 };

@@ -258,6 +258,23 @@ Reply set_enabled(Context& ctx, bool enabled) {
   return Reply{204};
 }
 
+Reply read_metadata(Context& ctx) { return resource_reply(200, resolve(ctx, /*allow_deleted=*/true)); }
+
+Reply list_versions(Context& ctx) {
+  auto k = resolve(ctx, /*allow_deleted=*/true);
+  json resources = json::array();
+  for (auto it = k.versions.rbegin(); it != k.versions.rend(); ++it)
+    resources.push_back({{"id", it->second.id}, {"creationDate", timefmt::format_rfc3339(it->second.created_at)}});
+  return Reply{200, kms::collection("application/vnd.ibm.kms.key_version+json", std::move(resources)), {}, true};
+}
+
+Reply not_offered(Context& ctx) {
+  std::string what = ctx.request.method + " " + ctx.request.path;
+  if (auto a = ctx.request.query_param("action")) what += "?action=" + *a;
+  throw keys::KeyError(keys::ErrorKind::not_implemented, "not_implemented",
+                       "p11kms does not implement " + what + " (a Key Protect feature outside its scope)");
+}
+
 }  // namespace
 
 void add_kms_routes(Router& router) {
@@ -289,11 +306,25 @@ void add_kms_routes(Router& router) {
               "`Prefer: return=representation`.",
               remove, policy::kDelete});
 
-  auto action = [&](const char* name, std::vector<Field> fields, const char* summary, Callback cb) {
+  router.add({"GET", "keys/:id/metadata", {id}, "A key's metadata, never its material (IBM SDK: getKeyMetadata).",
+              read_metadata, policy::kRead, true, "", "keys/:id"});
+  router.add({"GET", "keys/:id/versions", {id},
+              "The key's versions, newest first, with their ids and creation dates (IBM SDK: getKeyVersions).",
+              list_versions, policy::kRead, true, "", "keys/:id"});
+
+  // Each action in both of Key Protect's forms: `?action=wrap` (API v2 documents) and
+  // `/actions/wrap` (IBM's SDKs); one callback and one policy path for both.
+  std::vector<std::string> action_names;
+  auto action = [&](const std::string& name, std::vector<Field> fields, const char* summary, Callback cb) {
     fields.insert(fields.begin(), id);
-    Route r{"POST", "keys/:id", std::move(fields), summary, std::move(cb), policy::kUpdate};
-    r.action = name;
-    router.add(std::move(r));
+    action_names.push_back(name);
+    Route query_form{"POST", "keys/:id", fields, summary, cb, policy::kUpdate};
+    query_form.action = name;
+    query_form.policy_pattern = "keys/:id/" + name;
+    router.add(std::move(query_form));
+    Route path_form{"POST", "keys/:id/actions/" + name, std::move(fields), summary, std::move(cb), policy::kUpdate};
+    path_form.policy_pattern = "keys/:id/" + name;
+    router.add(std::move(path_form));
   };
   action("wrap",
          {{"plaintext", FieldType::string, "Base64 data key, 1 to 4096 bytes; absent: the token generates 32 bytes."}, aad},
@@ -313,6 +344,20 @@ void add_kms_routes(Router& router) {
   action("disable", {}, "Suspend the key (state 2): wrap, unwrap and rewrap answer 409 until enabled. 204.",
          [](Context& ctx) { return set_enabled(ctx, false); });
   action("enable", {}, "Make a suspended key active again. 204.", [](Context& ctx) { return set_enabled(ctx, true); });
+
+  // What IBM's SDK can call but p11kms does not offer: a 501 naming the route, never a 404
+  // that reads like a missing key.
+  for (const char* name : {"setKeyForDeletion", "unsetKeyForDeletion", "restore", "sync"})
+    action(name, {}, "Not offered by p11kms: answers 501.", not_offered);
+  const std::pair<const char*, const char*> unsupported[] = {
+      {"POST", "import_token"},        {"GET", "import_token"},
+      {"GET", "key_rings"},            {"POST", "key_rings/:key_ring_id"},
+      {"DELETE", "key_rings/:key_ring_id"}, {"POST", "keys/:id/restore"},
+      {"GET", "instance/policies"},    {"PUT", "instance/policies"},
+      {"GET", "instance/allowed_ip_port"}, {"GET", "keys/:id/registrations"},
+      {"GET", "keys/registrations"}};
+  for (const auto& [method, pattern] : unsupported)
+    router.add({method, pattern, {}, "Not offered by p11kms: answers 501.", not_offered, 0});
 }
 
 Dialect kms_dialect() {

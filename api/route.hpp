@@ -17,6 +17,7 @@
 
 namespace p11kms::keys {
 class KeyService;
+class MountRegistry;
 }
 
 namespace p11kms::api {
@@ -63,7 +64,11 @@ struct Context {
   keys::KeyService* keys = nullptr;
   const ApiLimits* limits = nullptr;
   std::string request_id;
+  // Where the route's keys live: the namespace, or for a transit route under a mounted engine
+  // that mount's key space (MountRegistry::keyspace).
   std::string ns = "root";
+  std::string tenant = "root";                // the namespace itself (X-Vault-Namespace)
+  keys::MountRegistry* mounts = nullptr;
   const policy::TokenEntry* token = nullptr;
   std::map<std::string, std::string> params;  // from the URL pattern
   FieldData fields;
@@ -99,8 +104,12 @@ struct Route {
   policy::Capabilities capability = policy::kUpdate;
   bool authenticated = true;
   // Key Protect selects an operation by `?action=wrap` on one URL: a route with an action
-  // matches only that query value, and its policy path gains "/<action>".
+  // matches only that query value. (IBM's SDKs use `.../actions/wrap` instead: such a route
+  // names the action in its pattern and leaves this empty.)
   std::string action = {};
+  // The policy path, in the pattern's syntax (":id"), relative to the mount; empty: the
+  // request's own path. Both Key Protect forms of an action share `keys/:id/wrap`.
+  std::string policy_pattern = {};
 };
 
 class Router {

@@ -89,6 +89,8 @@ int run_server(const Config& config, const std::string& banner) {
 
   policy::AccessControl access(std::make_shared<policy::AccessRules>(config.tokens, config.policies));
   api::ApiService service(keys, access, config.limits, P11KMS_VERSION);
+  keys::MountRegistry mounts(*store, keys);
+  service.set_mounts(&mounts);
   std::unique_ptr<audit::AuditLog> audit_log;
   if (!config.audit.path.empty()) {
     try {

@@ -16,6 +16,7 @@ enum class ErrorKind {
   gone,              // 410: the key was deleted; its id is never reused
   payload_too_large, // 413
   unavailable,       // 503: the token (or store) cannot serve right now
+  not_implemented,   // 501: a route of the modelled API that p11kms does not offer
   internal,          // 500
 };
 

@@ -131,6 +131,10 @@ class MetadataStore {
   // Free-form settings that must survive restarts (schema-independent), e.g. instance ids.
   virtual std::optional<std::string> get_setting(const std::string& name) = 0;
   virtual void put_setting(const std::string& name, const std::string& value) = 0;
+  // Settings whose name starts with prefix, sorted by name.
+  virtual std::vector<std::pair<std::string, std::string>> list_settings(const std::string& prefix) = 0;
+  // Removes a setting; false if there was none.
+  virtual bool delete_setting(const std::string& name) = 0;
 
   virtual int schema_version() = 0;
 };

@@ -648,6 +648,26 @@ class SqliteStore final : public MetadataStore {
     q.run();
   }
 
+  std::vector<std::pair<std::string, std::string>> list_settings(const std::string& prefix) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    // substr rather than LIKE: a prefix may contain % or _.
+    Statement q = conn_.prepare(
+        "SELECT name, value FROM settings WHERE substr(name, 1, length(?1)) = ?1 ORDER BY name",
+        "list settings");
+    q.bind(1, prefix);
+    std::vector<std::pair<std::string, std::string>> out;
+    while (q.step()) out.emplace_back(q.text(0), q.text(1));
+    return out;
+  }
+
+  bool delete_setting(const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("DELETE FROM settings WHERE name = ?1", "delete setting");
+    q.bind(1, name);
+    q.run();
+    return sqlite3_changes(conn_.handle()) > 0;
+  }
+
   int schema_version() override {
     std::lock_guard<std::mutex> lock(mu_);
     return applied_schema_version();

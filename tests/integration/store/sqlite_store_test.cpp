@@ -508,6 +508,23 @@ TEST_F(SqliteStoreTest, SettingsUpsertAndPersist) {
   EXPECT_EQ(raw.integer("SELECT count(*) FROM settings WHERE name = 'instance_id'"), 1);
 }
 
+TEST_F(SqliteStoreTest, SettingsListByLiteralPrefixAndDelete) {
+  auto s = open();
+  s->put_setting("mounts/root/b", "2");
+  s->put_setting("mounts/root/a", "1");
+  s->put_setting("mounts/rootx/c", "3");
+  s->put_setting("mounts%/root/d", "4");  // % is not a wildcard here
+  auto listed = s->list_settings("mounts/root/");
+  ASSERT_EQ(listed.size(), 2u);
+  EXPECT_EQ(listed[0], (std::pair<std::string, std::string>{"mounts/root/a", "1"}));
+  EXPECT_EQ(listed[1], (std::pair<std::string, std::string>{"mounts/root/b", "2"}));
+  EXPECT_EQ(s->list_settings("mounts%").size(), 1u);
+  EXPECT_TRUE(s->delete_setting("mounts/root/a"));
+  EXPECT_FALSE(s->delete_setting("mounts/root/a"));
+  EXPECT_FALSE(s->get_setting("mounts/root/a").has_value());
+  EXPECT_EQ(s->list_settings("mounts/root/").size(), 1u);
+}
+
 TEST_F(SqliteStoreTest, EverythingSurvivesCloseAndReopen) {
   {
     auto s = open();
