@@ -187,9 +187,16 @@ Reply count(Context& ctx) {
   return r;
 }
 
+json aliases_json(Context& ctx, const store::KeyRecord& k) {
+  json out = json::array();
+  for (const auto& a : ctx.keys->aliases_of(k.ns, k.id)) out.push_back(a.alias);
+  return out;
+}
+
 Reply get(Context& ctx) {
   auto k = resolve(ctx, /*allow_deleted=*/true);
   json extra = json::object();
+  if (auto aliases = aliases_json(ctx, k); !aliases.empty()) extra["aliases"] = aliases;
   int state = state_of(k);
   // A standard key's material is shown while the key may be read: not once it is suspended
   // or deleted.
@@ -258,7 +265,12 @@ Reply set_enabled(Context& ctx, bool enabled) {
   return Reply{204};
 }
 
-Reply read_metadata(Context& ctx) { return resource_reply(200, resolve(ctx, /*allow_deleted=*/true)); }
+Reply read_metadata(Context& ctx) {
+  auto k = resolve(ctx, /*allow_deleted=*/true);
+  json extra = json::object();
+  if (auto aliases = aliases_json(ctx, k); !aliases.empty()) extra["aliases"] = aliases;
+  return resource_reply(200, k, std::move(extra));
+}
 
 Reply list_versions(Context& ctx) {
   auto k = resolve(ctx, /*allow_deleted=*/true);
@@ -266,6 +278,68 @@ Reply list_versions(Context& ctx) {
   for (auto it = k.versions.rbegin(); it != k.versions.rend(); ++it)
     resources.push_back({{"id", it->second.id}, {"creationDate", timefmt::format_rfc3339(it->second.created_at)}});
   return Reply{200, kms::collection("application/vnd.ibm.kms.key_version+json", std::move(resources)), {}, true};
+}
+
+json alias_resource(const keys::KeyService::Alias& a) {
+  return json{{"keyId", a.key_id},
+              {"alias", a.alias},
+              {"creationDate", timefmt::format_rfc3339(a.created_at)},
+              {"createdBy", a.created_by}};
+}
+
+Reply add_alias(Context& ctx) {
+  auto k = resolve(ctx);
+  auto a = ctx.keys->add_alias(ref_of(k), ctx.params.at("alias"), ctx.token ? ctx.token->name : "");
+  return Reply{201, kms::collection("application/vnd.ibm.kms.key_alias+json", json::array({alias_resource(a)})), {}, true};
+}
+
+Reply remove_alias(Context& ctx) {
+  auto k = resolve(ctx);
+  ctx.keys->remove_alias(ref_of(k), ctx.params.at("alias"));
+  return Reply{204};
+}
+
+constexpr int64_t kMonthSeconds = 30 * 86400;
+constexpr const char* kPolicyType = "application/vnd.ibm.kms.policy+json";
+
+json policy_resources(const std::optional<keys::KeyService::RotationPolicy>& p) {
+  json out = json::array();
+  if (!p) return out;
+  json rotation = {{"enabled", true}, {"interval_month", std::max<int64_t>(1, p->period_s / kMonthSeconds)}};
+  if (p->period_s % kMonthSeconds != 0) rotation["interval_seconds"] = p->period_s;  // set through transit
+  out.push_back({{"type", kPolicyType},
+                 {"rotation", rotation},
+                 {"createdBy", p->updated_by},
+                 {"creationDate", timefmt::format_rfc3339(p->created_at)},
+                 {"updatedBy", p->updated_by},
+                 {"lastUpdateDate", timefmt::format_rfc3339(p->updated_at)}});
+  return out;
+}
+
+Reply get_policies(Context& ctx) {
+  auto k = resolve(ctx);
+  return Reply{200, kms::collection(kPolicyType, policy_resources(ctx.keys->rotation_policy(k.ns, k.id))), {}, true};
+}
+
+Reply put_policies(Context& ctx) {
+  auto k = resolve(ctx);
+  const json& r = single_resource(ctx.fields);
+  auto rot = r.find("rotation");
+  if (rot == r.end() || !rot->is_object())
+    throw invalid("resources[0].rotation is required: {\"interval_month\": 1 to 12}", "bad_body");
+  int64_t period = 0;
+  auto enabled = rot->find("enabled");
+  if (enabled != rot->end() && !enabled->is_boolean())
+    throw invalid("resources[0].rotation.enabled must be true or false", "bad_body");
+  bool on = enabled == rot->end() || enabled->get<bool>();
+  if (on) {
+    auto months = rot->find("interval_month");
+    if (months == rot->end() || !months->is_number_integer() || months->get<int64_t>() < 1 || months->get<int64_t>() > 12)
+      throw invalid("resources[0].rotation.interval_month must be an integer from 1 to 12", "bad_body");
+    period = months->get<int64_t>() * kMonthSeconds;
+  }
+  ctx.keys->set_rotation_policy(ref_of(k), period, ctx.token ? ctx.token->name : "");
+  return Reply{200, kms::collection(kPolicyType, policy_resources(ctx.keys->rotation_policy(k.ns, k.id))), {}, true};
 }
 
 Reply not_offered(Context& ctx) {
@@ -311,6 +385,25 @@ void add_kms_routes(Router& router) {
   router.add({"GET", "keys/:id/versions", {id},
               "The key's versions, newest first, with their ids and creation dates (IBM SDK: getKeyVersions).",
               list_versions, policy::kRead, true, "", "keys/:id"});
+
+  const Field alias{"alias", FieldType::string, "2 to 90 characters of [A-Za-z0-9_-], unique in the instance together with key names."};
+  router.add({"POST", "keys/:id/aliases/:alias", {id, alias},
+              "Give the key an extra name, usable wherever its id is (at most 5). 201.", add_alias, policy::kUpdate, true,
+              "", "keys/:id/aliases"});
+  router.add({"DELETE", "keys/:id/aliases/:alias", {id, alias}, "Remove an alias. 204.", remove_alias, policy::kUpdate,
+              true, "", "keys/:id/aliases"});
+
+  router.add({"GET", "keys/:id/policies", {id},
+              "The key's rotation policy (`rotation.interval_month`), an empty collection when it has none.",
+              get_policies, policy::kRead, true, "", "keys/:id"});
+  router.add({"PUT", "keys/:id/policies",
+              {id, metadata,
+               {"resources", FieldType::array,
+                "One policy: `{\"type\": \"application/vnd.ibm.kms.policy+json\", \"rotation\": {\"interval_month\": 1-12}}`; "
+                "`\"enabled\": false` removes it."}},
+              "Rotate the key automatically every interval_month months (30 days each), the same mechanism as "
+              "Transit's auto_rotate_period.",
+              put_policies, policy::kUpdate, true, "", "keys/:id/policies"});
 
   // Each action in both of Key Protect's forms: `?action=wrap` (API v2 documents) and
   // `/actions/wrap` (IBM's SDKs); one callback and one policy path for both.

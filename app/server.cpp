@@ -11,6 +11,7 @@
 #include "common/log.hpp"
 #include "hsm/token.hpp"
 #include "keys/key_service.hpp"
+#include "keys/rotation_worker.hpp"
 #include "store/metadata_store.hpp"
 
 namespace p11kms::app {
@@ -131,6 +132,10 @@ int run_server(const Config& config, const std::string& banner) {
   std::cout << banner << "==> p11kms server started! Log data will stream in below:" << std::endl;
   log::info("listening on " + config.listen_address + " (token '" + config.hsm.token_label + "', store " +
             config.store.path + ")");
+
+  // Due rotations are found within a second in dev mode (short periods can be watched there),
+  // within 30 s otherwise.
+  keys::RotationWorker rotation(keys, config.source_file.empty() ? std::chrono::seconds(1) : std::chrono::seconds(30));
 
   for (;;) {
     int sig = 0;

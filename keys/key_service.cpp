@@ -10,6 +10,7 @@
 #include "common/log.hpp"
 #include "common/uuid.hpp"
 #include "keys/envelope.hpp"
+#include "keys/key_service_guard.hpp"
 
 namespace p11kms::keys {
 namespace {
@@ -38,29 +39,6 @@ std::vector<uint8_t> new_iv() {
 
 KeyService::KeyService(store::MetadataStore& store, hsm::Token& token, ServiceLimits limits)
     : store_(store), token_(token), limits_(limits) {}
-
-// Turns failures of the layers below into the service's one error type: the token or the
-// store being unavailable is a 503 with a message, never a crash or a 500 with internals.
-template <typename F>
-auto KeyService::guarded(F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (const KeyError&) {
-    throw;
-  } catch (const hsm::TokenUnavailable& e) {
-    throw unavailable(e.what());
-  } catch (const hsm::ObjectMissing& e) {
-    throw unavailable(std::string("a key version's token object is missing: ") + e.what());
-  } catch (const hsm::Pkcs11Error& e) {
-    log::error(std::string("hsm: ") + e.what());
-    throw unavailable(std::string("the HSM refused the operation: ") + e.what());
-  } catch (const store::ConflictError& e) {
-    throw KeyError(ErrorKind::conflict, "conflict", e.what());
-  } catch (const store::StoreError& e) {
-    log::error(std::string("store: ") + e.what());
-    throw unavailable("the metadata store is unavailable");
-  }
-}
 
 void KeyService::validate_name(const std::string& name) const {
   bool ok = !name.empty() && name.size() <= limits_.max_key_name_length;
@@ -247,6 +225,8 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
     if (spec.material) check_material(*type, *spec.material);
     std::lock_guard<std::mutex> lk(write_mu_);
     if (auto existing = load(KeyRef{ref.ns, ref.name})) return CreateResult{existing->record(), false};
+    if (alias_target(ref.ns, ref.name))
+      throw conflict("\"" + ref.name + "\" is already an alias of another key in this namespace", "name_in_use");
     store::KeyRecord rec;
     rec.id = uuid::new_v4();
     rec.ns = ref.ns;
@@ -299,6 +279,7 @@ std::optional<store::KeyRecord> KeyService::find_key(const std::string& ns, cons
       return std::nullopt;  // not a name any key can have
     }
     if (auto k = load(KeyRef{ns, id_or_name})) return k->record();
+    if (auto id = alias_target(ns, id_or_name)) return store_.get_key_by_id(ns, *id);
     return std::nullopt;
   });
 }
@@ -399,6 +380,8 @@ store::KeyRecord KeyService::delete_key(const KeyRef& ref, bool require_deletion
       throw invalid("deletion is not allowed for key \"" + ref.name + "\": set deletion_allowed with its config first",
                     "deletion_not_allowed");
     auto intents = store_.delete_key(ref.ns, ref.name);
+    drop_aliases_of(ref.ns, key->record().id);
+    drop_rotation_policy(ref.ns, key->record().id);
     invalidate(ref);
     destroy_for_intents(intents);
     log::info("keys: deleted key " + ref.ns + "/" + ref.name);

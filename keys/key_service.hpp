@@ -3,6 +3,7 @@
 // through their interfaces. It knows nothing of HTTP.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <optional>
 #include <mutex>
@@ -13,6 +14,7 @@
 #include "hsm/secret.hpp"
 #include "hsm/token.hpp"
 #include "keys/key.hpp"
+#include "keys/signing.hpp"
 #include "store/metadata_store.hpp"
 
 namespace p11kms::keys {
@@ -32,6 +34,20 @@ struct KeySpec {
   int64_t expires_at = 0;  // unix seconds; 0 = never
   std::string created_by;
   const hsm::SecureBytes* material = nullptr;
+  // Transit: material kept sealed under the master key (and exportable), not a token object.
+  bool exportable = false;
+  int key_size = 0;  // hmac keys: bytes, 16 to 512 (0 = 32)
+};
+
+// A transit signature or HMAC: "vault:v<N>:<base64>".
+struct SignResult {
+  std::string value;
+  int key_version = 0;
+};
+
+struct ExportResult {
+  std::string name, type;
+  std::map<int, std::string> keys;  // version -> exported form
 };
 
 // Envelope wrapping (Key Protect's wrap/unwrap/rewrap): limits of the caller's input.
@@ -120,6 +136,31 @@ class KeyService {
   // The latest version's material of an exportable (standard) key, unsealed in the token.
   hsm::SecureBytes read_material(const KeyRef& ref);
 
+  // Key Protect's aliases: extra names of a key, unique in the namespace together with key
+  // names, usable wherever an id is; a key's aliases go when it is deleted (key_aliases.cpp).
+  struct Alias {
+    std::string alias, key_id, created_by;
+    int64_t created_at = 0;
+  };
+  Alias add_alias(const KeyRef& ref, const std::string& alias, const std::string& created_by);
+  void remove_alias(const KeyRef& ref, const std::string& alias);
+  std::vector<Alias> aliases_of(const std::string& ns, const std::string& key_id);
+
+  // Automatic rotation (Key Protect's rotation policy; Transit's auto_rotate_period): a key
+  // whose latest version is older than its period is rotated by rotate_due(), which the
+  // server calls periodically (key_rotation.cpp).
+  struct RotationPolicy {
+    int64_t period_s = 0;
+    std::string updated_by;
+    int64_t created_at = 0, updated_at = 0;
+  };
+  // period_s 0 removes the policy. 400 for keys the token cannot rotate alone (imported,
+  // standard).
+  RotationPolicy set_rotation_policy(const KeyRef& ref, int64_t period_s, const std::string& updated_by);
+  std::optional<RotationPolicy> rotation_policy(const std::string& ns, const std::string& key_id);
+  // Rotates every active key that is due at `now`; returns how many were rotated.
+  size_t rotate_due(int64_t now);
+
   // Key Protect's envelope operations, with a root (AES) key.
   WrapResult wrap(const KeyRef& ref, const hsm::SecureBytes* plaintext, const std::vector<std::string>& aad);
   UnwrapResult unwrap(const KeyRef& ref, const std::string& ciphertext, const std::vector<std::string>& aad);
@@ -133,6 +174,20 @@ class KeyService {
   Sealed rewrap(const KeyRef& ref, const std::string& ciphertext, int key_version,
                 const std::vector<uint8_t>& aad = {});
   DataKey generate_data_key(const KeyRef& ref, int bits, int key_version);
+
+  // Transit signing with an asymmetric key's version (0 = latest), in the token.
+  SignResult sign(const KeyRef& ref, const std::vector<uint8_t>& input, const SignOptions& options, int key_version);
+  // Checks a "vault:v<N>:" signature: false when it does not verify; 400 when it cannot be
+  // decoded or names a version that does not exist or is below min_decryption_version.
+  bool verify(const KeyRef& ref, const std::vector<uint8_t>& input, const SignOptions& options,
+              const std::string& signature);
+  // HMAC with the version's HMAC key (made in the token on first use), any key type.
+  SignResult hmac(const KeyRef& ref, const std::vector<uint8_t>& input, const std::string& algorithm, int key_version);
+  bool verify_hmac(const KeyRef& ref, const std::vector<uint8_t>& input, const std::string& algorithm,
+                   const std::string& hmac);
+  // Vault's export (encryption-key, signing-key, hmac-key) of an exportable key; version is
+  // "" (every version), "latest" or a number.
+  ExportResult export_key(const KeyRef& ref, const std::string& export_type, const std::string& version);
   std::vector<uint8_t> random_bytes(size_t n);
 
   // Settles creation/deletion intents left by a crash; checks every version has its object.
@@ -146,6 +201,14 @@ class KeyService {
   std::shared_ptr<const Key> load_for_use(const KeyRef& ref);  // 400 when absent (Vault)
   std::shared_ptr<const Key> load_existing(const KeyRef& ref);  // 404 when absent
   store::VersionRecord create_version_object(const Key& key, int version, const hsm::SecureBytes* material);
+  // How the token reaches a version's material: its token object, or a session object loaded
+  // from the sealed material.
+  hsm::KeyHandle material_handle(const Key& key, const store::VersionRecord& v);
+  // The version's HMAC key, made first if it has none yet (key is reloaded then).
+  hsm::KeyHandle hmac_handle(const KeyRef& ref, std::shared_ptr<const Key>& key, int version);
+  void ensure_hmac_key(const KeyRef& ref, int version);
+  std::shared_ptr<const Key> load_for_signing(const KeyRef& ref);
+  size_t material_bytes(const store::KeyRecord& key) const;
   // A version's material: a token object for AES keys, sealed under the master key otherwise.
   store::VersionRecord new_version(const Key& key, int version, const hsm::SecureBytes* material);
   void discard_version(const store::VersionRecord& v) noexcept;
@@ -154,6 +217,9 @@ class KeyService {
   std::string seal_material(const store::KeyRecord& key, int version, const hsm::SecureBytes& material);
   hsm::SecureBytes unseal_material(const store::KeyRecord& key, const store::VersionRecord& v);
   std::shared_ptr<const Key> load_wrapping_key(const KeyRef& ref, KeyUse use);
+  std::optional<std::string> alias_target(const std::string& ns, const std::string& alias);  // key id
+  void drop_aliases_of(const std::string& ns, const std::string& key_id) noexcept;
+  void drop_rotation_policy(const std::string& ns, const std::string& key_id) noexcept;
   Wrapped wrap_with(const Key& key, const uint8_t* plaintext, size_t len, const std::vector<std::string>& aad);
   void invalidate(const KeyRef& ref);
   void require_aes_gcm() const;

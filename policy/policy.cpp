@@ -105,7 +105,8 @@ const std::map<std::string, Policy>& builtin_policies() {
     editor.push_back({"kms/keys/+", kRead});
     std::vector<PathRule> admin = editor;
     admin.push_back({"kms/keys/+", kRead | kDelete});
-    for (const char* action : {"rotate", "enable", "disable", "restore", "setKeyForDeletion", "unsetKeyForDeletion"})
+    for (const char* action : {"rotate", "enable", "disable", "restore", "setKeyForDeletion", "unsetKeyForDeletion",
+                               "aliases", "policies"})
       admin.push_back({std::string("kms/keys/+/") + action, kUpdate});
     std::map<std::string, Policy> m;
     m["root"] = make("root", {{"*", kCreate | kRead | kUpdate | kDelete | kList | kSudo}});

@@ -133,6 +133,37 @@ async function main() {
   });
   assert.equal(u2.result.plaintext, mine, step);
 
+  step = 'createKeyAlias';
+  const alias = 'alias-' + crypto.randomBytes(4).toString('hex');
+  const aliased = await client.createKeyAlias({ bluemixInstance: instance, id: key.id, alias });
+  assert.equal(aliased.status, 201, step);
+  assert.equal(aliased.result.resources[0].keyId, key.id, step);
+  step = 'getKey by alias';
+  assert.equal((await client.getKey({ bluemixInstance: instance, id: alias })).result.resources[0].id, key.id, step);
+  step = 'unwrapKey through the alias';
+  const viaAlias = await client.unwrapKey({
+    bluemixInstance: instance, id: alias, keyActionUnwrapBody: { ciphertext: oldCiphertext, aad },
+  });
+  assert.equal(viaAlias.result.plaintext, dek, step);
+  step = 'deleteKeyAlias';
+  assert.equal((await client.deleteKeyAlias({ bluemixInstance: instance, id: key.id, alias })).status, 204, step);
+  await expectStatus(client.getKey({ bluemixInstance: instance, id: alias }), 404);
+
+  step = 'putPolicy (rotation every 3 months)';
+  const policy = {
+    metadata: { collectionType: 'application/vnd.ibm.kms.policy+json', collectionTotal: 1 },
+    resources: [{ type: 'application/vnd.ibm.kms.policy+json', rotation: { interval_month: 3 } }],
+  };
+  const put = await client.putPolicy({ bluemixInstance: instance, id: key.id, setKeyPoliciesOneOf: policy, policy: 'rotation' });
+  assert.equal(put.status, 200, step);
+  assert.equal(put.result.resources[0].rotation.interval_month, 3, step);
+  step = 'getPolicy';
+  const got = await client.getPolicy({ bluemixInstance: instance, id: key.id, policy: 'rotation' });
+  assert.equal(got.result.resources[0].rotation.interval_month, 3, step);
+  step = 'putPolicy with interval_month 13';
+  policy.resources[0].rotation.interval_month = 13;
+  await expectStatus(client.putPolicy({ bluemixInstance: instance, id: key.id, setKeyPoliciesOneOf: policy }), 400);
+
   step = 'disableKey';
   assert.equal((await client.disableKey({ bluemixInstance: instance, id: key.id })).status, 204, step);
   assert.equal((await client.getKey({ bluemixInstance: instance, id: key.id })).result.resources[0].state, 2, step);
