@@ -361,6 +361,8 @@ void add_kms_routes(Router& router) {
       {"state", FieldType::string, "Comma-separated states to include (0 pre-active, 1 active, 2 suspended, 3 deactivated, 5 destroyed).", "0,1,2,3"},
   };
 
+  // Declared before keys/:id, which would otherwise take "registrations" for a key's id.
+  router.add({"GET", "keys/registrations", {}, "Not offered by p11kms: answers 501.", not_offered, 0});
   router.add({"POST", "keys",
               {metadata,
                {"resources", FieldType::array,
@@ -447,8 +449,7 @@ void add_kms_routes(Router& router) {
       {"GET", "key_rings"},            {"POST", "key_rings/:key_ring_id"},
       {"DELETE", "key_rings/:key_ring_id"}, {"POST", "keys/:id/restore"},
       {"GET", "instance/policies"},    {"PUT", "instance/policies"},
-      {"GET", "instance/allowed_ip_port"}, {"GET", "keys/:id/registrations"},
-      {"GET", "keys/registrations"}};
+      {"GET", "instance/allowed_ip_port"}, {"GET", "keys/:id/registrations"}};
   for (const auto& [method, pattern] : unsupported)
     router.add({method, pattern, {}, "Not offered by p11kms: answers 501.", not_offered, 0});
 }

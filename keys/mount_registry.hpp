@@ -36,7 +36,8 @@ class MountRegistry {
   // transit/ first, then the enabled mounts by path.
   std::vector<Mount> list(const std::string& ns);
   // Destroys every key of the mount (their token objects too), then the mount itself; returns
-  // how many keys were destroyed. 400 for transit/ itself, 404 for a path with no mount.
+  // how many keys were destroyed. 400 for transit/ itself; a path with no mount is left as is
+  // (0), as Vault does.
   size_t disable(const std::string& ns, const std::string& path);
 
   // Where a mount's keys live in the store: the namespace itself for transit/, else

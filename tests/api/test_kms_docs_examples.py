@@ -300,6 +300,48 @@ def c_wrap_suspended(ex, state):
     assert "suspended" in res["reasons"][0]["message"].lower() or "disabled" in res["reasons"][0]["message"].lower()
 
 
+def c_unwrap_path_form(ex, state):
+    body = ex.json()
+    assert set(body) == {"plaintext", "keyVersion", "ciphertext", "rewrappedKeyVersion"}, body
+    assert body["plaintext"] == state["dek"]
+    assert body["keyVersion"]["id"] == state["v1"]
+    assert body["rewrappedKeyVersion"]["id"] == state["v2"]
+
+
+def c_metadata(ex, state):
+    k = key_of(ex.json())
+    assert k["id"] == state["standard"]["id"] and k["name"] == "app-config-key"
+    assert k["extractable"] is True
+    assert "payload" not in k
+
+
+def c_versions(ex, state):
+    body = ex.json()
+    assert body["metadata"] == {"collectionType": "application/vnd.ibm.kms.key_version+json",
+                                "collectionTotal": 2}, body
+    assert [v["id"] for v in body["resources"]] == [state["v2"], state["v1"]], body
+    assert all(re.match(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$", v["creationDate"]) for v in body["resources"])
+
+
+def c_add_alias(ex, state):
+    a = key_of(ex.json(), "application/vnd.ibm.kms.key_alias+json")
+    assert a == {"keyId": state["root"]["id"], "alias": "payments-kek", "createdBy": "root",
+                 "creationDate": a["creationDate"]}, a
+
+
+def c_wrap_by_alias(ex, state):
+    body = ex.json()
+    assert set(body) == {"ciphertext", "keyVersion", "plaintext"}, body
+    assert len(unb64(body["plaintext"])) == 32
+    assert body["keyVersion"]["id"] == state["v2"]
+
+
+def c_not_offered(ex, state):
+    res = error_of(ex, 501)
+    assert res["reasons"][0]["code"] == "NOT_IMPLEMENTED_ERR", res
+    assert "import_token" in res["reasons"][0]["message"], res
+
+
 def c_transit(ex, state):
     body = ex.json()
     assert body["data"]["ciphertext"].startswith("vault:v2:"), body
@@ -342,6 +384,13 @@ EXPECTED = [
     ("action=disable", [204], c_empty),
     ("action=wrap", [409], c_wrap_suspended),
     ("action=enable", [204], c_empty),
+    ("$KEY_ID/actions/unwrap", [200], c_unwrap_path_form),
+    ("keys/app-config-key/metadata", [200], c_metadata),
+    ("$KEY_ID/versions", [200], c_versions),
+    ('-X POST "$P11KMS_ADDR/kms/api/v2/keys/$KEY_ID/aliases/payments-kek"', [201], c_add_alias),
+    ("keys/payments-kek/actions/wrap", [200], c_wrap_by_alias),
+    ('-X DELETE "$P11KMS_ADDR/kms/api/v2/keys/$KEY_ID/aliases/payments-kek"', [204], c_empty),
+    ("/kms/api/v2/import_token", [501], c_not_offered),
     ("/v1/transit/encrypt/payments-root", [200], c_transit),
     ("Prefer: return=representation", [200], c_delete_repr),
     ('-X DELETE "$P11KMS_ADDR/kms/api/v2/keys/$KEY_ID"', [204], c_empty),
@@ -411,5 +460,8 @@ def test_after_the_examples_the_server_agrees(run, server):
     assert k["state"] == 5 and k["deleted"] is True
     r = requests.get(server.url + "/kms/api/v2/keys", headers=h, timeout=30)
     assert [k["name"] for k in r.json()["resources"]] == ["payments-imported"], r.text
+    # the alias the examples added and removed resolves to nothing
+    r = requests.get(server.url + "/kms/api/v2/keys/payments-kek", headers=h, timeout=30)
+    assert r.status_code == 404, tl.describe(r)
     r = requests.get(server.url + "/kms/api/v2/keys", headers=h, params={"state": "5"}, timeout=30)
     assert sorted(k["name"] for k in r.json()["resources"]) == ["app-config-key", "payments-root"], r.text
