@@ -3,11 +3,14 @@
 #include <openssl/crypto.h>
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 
 #include "api/api_service.hpp"
 #include "common/encoding.hpp"
+#include "common/time.hpp"
 #include "keys/digest.hpp"
+#include "keys/key_type.hpp"
 
 namespace p11kms::api {
 namespace {
@@ -15,9 +18,21 @@ namespace {
 using keys::invalid;
 
 json key_info(const store::KeyRecord& k) {
+  auto type = keys::parse_key_type(k.type);
+  bool asymmetric = type && keys::is_asymmetric(*type);
+  bool aes = type && keys::is_aes(*type);
   json versions = json::object();
-  for (const auto& [v, rec] : k.versions) versions[std::to_string(v)] = rec.created_at;
-  return json{{"name", k.name},
+  // As Vault: a symmetric version is its creation time (unix seconds); an asymmetric one an
+  // object with its public key and RFC 3339 creation time.
+  for (const auto& [v, rec] : k.versions) {
+    if (asymmetric)
+      versions[std::to_string(v)] = json{{"name", keys::public_key_name(*type)},
+                                         {"public_key", rec.public_key},
+                                         {"creation_time", timefmt::format_rfc3339(rec.created_at)}};
+    else
+      versions[std::to_string(v)] = rec.created_at;
+  }
+  json info{{"name", k.name},
               {"type", k.type},
               {"keys", versions},
               {"latest_version", k.latest_version()},
@@ -28,13 +43,15 @@ json key_info(const store::KeyRecord& k) {
               {"derived", false},
               {"exportable", k.exportable},
               {"allow_plaintext_backup", false},
-              {"supports_encryption", k.type != "standard"},
-              {"supports_decryption", k.type != "standard"},
-              {"supports_derivation", k.type != "standard"},
-              {"supports_signing", false},
+              {"supports_encryption", aes},
+              {"supports_decryption", aes},
+              {"supports_derivation", aes},
+              {"supports_signing", asymmetric},
               {"imported_key", k.imported},
-              {"auto_rotate_period", 0},
+              {"auto_rotate_period", k.auto_rotate_period},
               {"convergent_encryption", false}};
+  if (type == keys::KeyType::hmac) info["key_size"] = k.key_size;
+  return info;
 }
 
 keys::KeyRef key_ref(const Context& ctx) { return keys::KeyRef{ctx.ns, ctx.params.at("name")}; }
@@ -91,12 +108,13 @@ json rewrap_one(keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& 
   return json{{"ciphertext", sealed.ciphertext}, {"key_version", sealed.key_version}};
 }
 
-using ItemOp = json (*)(keys::KeyService&, const keys::KeyRef&, const FieldData&, int);
+using ItemOp = std::function<json(keys::KeyService&, const keys::KeyRef&, const FieldData&, int)>;
 
 // One request, or a batch processed item by item: a bad item gets an "error" in its slot and
 // the others still succeed. A partly failed batch is a 400 carrying every result (Vault 1.13+)
 // unless partial_failure_response_code says otherwise.
-Reply single_or_batch(Context& ctx, keys::KeyService& ks, const ApiLimits& limits, ItemOp op) {
+Reply single_or_batch(Context& ctx, keys::KeyService& ks, const ApiLimits& limits, const ItemOp& op,
+                      const std::vector<Field>& schema = item_fields()) {
   auto ref = key_ref(ctx);
   int default_version = ctx.fields.has("key_version") ? to_version(ctx.fields.get_int("key_version"), "key_version") : 0;
   const json& batch = ctx.fields.get_array("batch_input");
@@ -111,7 +129,7 @@ Reply single_or_batch(Context& ctx, keys::KeyService& ks, const ApiLimits& limit
     json result;
     try {
       if (!item.is_object()) throw invalid("batch_input items must be JSON objects");
-      FieldData f(&item_fields(), item);
+      FieldData f(&schema, item);
       result = op(ks, ref, f, 0);
       any_success = true;
     } catch (const keys::KeyError& e) {
@@ -134,6 +152,47 @@ Reply single_or_batch(Context& ctx, keys::KeyService& ks, const ApiLimits& limit
     }
   }
   return reply;
+}
+
+// Fields of a sign, verify or hmac batch item.
+const std::vector<Field>& sign_item_fields() {
+  static const std::vector<Field> f = {
+      {"input", FieldType::string, "Base64 input to sign, verify or HMAC."},
+      {"signature", FieldType::string, "Signature to verify (vault:v<N>:...)."},
+      {"hmac", FieldType::string, "HMAC to verify (vault:v<N>:...)."},
+      {"context", FieldType::string, "Derivation context (derived keys are not supported yet)."},
+      {"reference", FieldType::string, "Echoed in the batch result, to match items."},
+  };
+  return f;
+}
+
+std::vector<uint8_t> input_of(const FieldData& f) {
+  if (!f.has("input")) throw invalid("missing input");
+  return decode_b64_field(f.get_string("input"), "input");
+}
+
+// The hash algorithm of a sign/verify/hmac call: the URL's, else the body's (`algorithm` is
+// Vault's older name for it).
+std::string hash_algorithm_of(const Context& ctx, const char* url_param, const char* field) {
+  if (ctx.params.count(url_param)) return ctx.params.at(url_param);
+  if (ctx.fields.has(field)) return ctx.fields.get_string(field);
+  if (ctx.fields.has("algorithm")) return ctx.fields.get_string("algorithm");
+  return "sha2-256";
+}
+
+keys::SignOptions sign_options(const Context& ctx) {
+  keys::SignOptions o;
+  o.hash_algorithm = hash_algorithm_of(ctx, "urlalgorithm", "hash_algorithm");
+  o.prehashed = ctx.fields.get_bool("prehashed");
+  o.signature_algorithm = ctx.fields.get_string("signature_algorithm");
+  o.marshaling_algorithm = ctx.fields.has("marshaling_algorithm") ? ctx.fields.get_string("marshaling_algorithm") : "asn1";
+  o.salt_length = ctx.fields.has("salt_length") ? ctx.fields.get_string("salt_length") : "auto";
+  return o;
+}
+
+void refuse_context(const FieldData& f) {
+  if (f.has("context") && !f.get_string("context").empty())
+    throw invalid("context is only for derived keys, which p11kms does not support yet");
 }
 
 void refuse_unsupported(const FieldData& f, std::initializer_list<const char*> flags) {
@@ -174,22 +233,36 @@ void add_transit_routes(Router& router) {
 
   router.add({"POST", "transit/keys/:name",
               {name,
-               {"type", FieldType::string, "Key type: aes256-gcm96 or aes128-gcm96.", "aes256-gcm96"},
+               {"type", FieldType::string,
+                "Key type: aes256-gcm96, aes128-gcm96, ecdsa-p256, ecdsa-p384, ed25519, rsa-2048, rsa-3072, "
+                "rsa-4096 or hmac.", "aes256-gcm96"},
                {"derived", FieldType::boolean, "Key derivation (not supported yet)."},
                {"convergent_encryption", FieldType::boolean, "Convergent encryption (not supported yet)."},
-               {"exportable", FieldType::boolean, "Exportable key (not supported yet)."},
+               {"exportable", FieldType::boolean,
+                "Exportable key: its material is kept sealed under the token's master key and loaded into "
+                "the token as non-extractable session objects to be used. Cannot be set later."},
                {"allow_plaintext_backup", FieldType::boolean, "Plaintext backup (not supported)."},
                {"auto_rotate_period", FieldType::string, "Automatic rotation (not supported yet)."},
-               {"key_size", FieldType::integer, "Only for HMAC keys (not supported yet)."},
+               {"key_size", FieldType::integer, "Bytes of an hmac key: 16 to 512 (default 32); ignored for other types."},
                {"context", FieldType::string, "Derivation context (not supported yet)."}},
               "Create a key in the token; an existing key is left unchanged.",
               [](Context& ctx) {
                 auto& ks = *ctx.keys;
-                refuse_unsupported(ctx.fields, {"derived", "convergent_encryption", "exportable", "allow_plaintext_backup"});
+                refuse_unsupported(ctx.fields, {"derived", "convergent_encryption", "allow_plaintext_backup"});
                 auto period = ctx.fields.get_string("auto_rotate_period");
                 if (!period.empty() && period != "0" && period != "0s")
                   throw invalid("auto_rotate_period is not supported yet by p11kms");
-                auto result = ks.create_key(key_ref(ctx), ctx.fields.get_string("type"), ctx.token ? ctx.token->name : "");
+                keys::KeySpec spec;
+                spec.type = ctx.fields.get_string("type");
+                spec.created_by = ctx.token ? ctx.token->name : "";
+                spec.exportable = ctx.fields.get_bool("exportable");
+                if (spec.type == "hmac" && ctx.fields.has("key_size")) {
+                  int64_t size = ctx.fields.get_int("key_size");
+                  if (size < 16 || size > 512)
+                    throw invalid("key_size must be between 16 and 512 bytes for hmac keys, not " + std::to_string(size));
+                  spec.key_size = static_cast<int>(size);
+                }
+                auto result = ks.create_key(key_ref(ctx), spec);
                 Reply r{200, key_info(result.key)};
                 if (!result.created) r.warnings.push_back("key " + result.key.name + " already existed");
                 return r;
@@ -224,13 +297,15 @@ void add_transit_routes(Router& router) {
                {"min_decryption_version", FieldType::integer, "Oldest version allowed to decrypt."},
                {"min_encryption_version", FieldType::integer, "Oldest version allowed to encrypt (0 = latest)."},
                {"deletion_allowed", FieldType::boolean, "Whether the key may be deleted."},
-               {"exportable", FieldType::boolean, "Exportable (not supported yet)."},
+               {"exportable", FieldType::boolean,
+                "true only for a key created exportable (a non-exportable key exists only inside the token: 400); "
+                "false is refused once it is exportable."},
                {"allow_plaintext_backup", FieldType::boolean, "Plaintext backup (not supported)."},
                {"auto_rotate_period", FieldType::string, "Automatic rotation (not supported yet)."}},
-              "Configure min versions and deletion.",
+              "Configure min versions, deletion and exportability.",
               [](Context& ctx) {
                 auto& ks = *ctx.keys;
-                refuse_unsupported(ctx.fields, {"exportable", "allow_plaintext_backup"});
+                refuse_unsupported(ctx.fields, {"allow_plaintext_backup"});
                 auto period = ctx.fields.get_string("auto_rotate_period");
                 if (!period.empty() && period != "0" && period != "0s")
                   throw invalid("auto_rotate_period is not supported yet by p11kms");
@@ -241,6 +316,7 @@ void add_transit_routes(Router& router) {
                 if (f.has("min_encryption_version"))
                   change.min_encryption_version = static_cast<int>(std::clamp<int64_t>(f.get_int("min_encryption_version"), -1, std::numeric_limits<int>::max()));
                 if (f.has("deletion_allowed")) change.deletion_allowed = f.get_bool("deletion_allowed");
+                if (f.has("exportable")) change.exportable = f.get_bool("exportable");
                 return Reply{200, key_info(ks.configure_key(key_ref(ctx), change))};
               }});
 
@@ -289,6 +365,98 @@ void add_transit_routes(Router& router) {
                 if (kind == "plaintext") data["plaintext"] = encoding::base64_encode(dk.plaintext.data(), dk.plaintext.size());
                 return Reply{200, data};
               }});
+
+  // -- sign / verify / hmac --
+  const std::vector<Field> sign_fields = {
+      name,
+      {"urlalgorithm", FieldType::string, "Hash algorithm, from the URL."},
+      {"input", FieldType::string, "Base64 input to sign (or, prehashed, its digest)."},
+      {"key_version", FieldType::integer, "Version to sign with; 0 or absent = latest (min_encryption_version applies)."},
+      {"hash_algorithm", FieldType::string,
+       "sha1, sha2-224, sha2-256 (default), sha2-384, sha2-512, sha3-* (ECDSA, RSA PKCS#1 v1.5), or none "
+       "(RSA PKCS#1 v1.5 over prehashed input). Ignored for ed25519.", "sha2-256"},
+      {"algorithm", FieldType::string, "Older name of hash_algorithm."},
+      {"prehashed", FieldType::boolean, "The input is already a digest of hash_algorithm (not for ed25519)."},
+      {"signature_algorithm", FieldType::string, "RSA: pss (default) or pkcs1v15."},
+      {"marshaling_algorithm", FieldType::string, "ECDSA: asn1 (DER, default) or jws (r || s, base64url).", "asn1"},
+      {"salt_length", FieldType::string, "RSA-PSS salt: auto (largest, default), hash, or a number of bytes.", "auto"},
+      {"context", FieldType::string, "Derivation context (derived keys are not supported yet)."},
+      {"batch_input", FieldType::array, "Items with input (and reference), all signed with the request's options."},
+      {"partial_failure_response_code", FieldType::integer, "Status for a partly failed batch."},
+      {"signature", FieldType::string, "verify: the vault:v<N>: signature."},
+      {"hmac", FieldType::string, "verify: a vault:v<N>: HMAC to check instead of a signature."},
+  };
+  auto sign_cb = [](Context& ctx) {
+    refuse_context(ctx.fields);
+    auto options = sign_options(ctx);
+    int version = ctx.fields.has("key_version") ? to_version(ctx.fields.get_int("key_version"), "key_version") : 0;
+    ItemOp op = [options, version](keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& f, int) {
+      refuse_context(f);
+      auto sig = ks.sign(ref, input_of(f), options, version);
+      return json{{"signature", sig.value}, {"key_version", sig.key_version}};
+    };
+    return single_or_batch(ctx, *ctx.keys, *ctx.limits, op, sign_item_fields());
+  };
+  router.add({"POST", "transit/sign/:name", sign_fields,
+              "Sign base64 input with an asymmetric key's private key, inside the token.", sign_cb});
+  router.add({"POST", "transit/sign/:name/:urlalgorithm", sign_fields,
+              "Sign, with the hash algorithm in the URL.", sign_cb});
+  auto verify_cb = [](Context& ctx) {
+    refuse_context(ctx.fields);
+    auto options = sign_options(ctx);
+    ItemOp op = [options](keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& f, int) {
+      refuse_context(f);
+      bool has_sig = f.has("signature"), has_hmac = f.has("hmac");
+      if (has_sig == has_hmac) throw invalid("exactly one of signature and hmac must be given");
+      bool valid = has_hmac ? ks.verify_hmac(ref, input_of(f), options.hash_algorithm, f.get_string("hmac"))
+                            : ks.verify(ref, input_of(f), options, f.get_string("signature"));
+      return json{{"valid", valid}};
+    };
+    return single_or_batch(ctx, *ctx.keys, *ctx.limits, op, sign_item_fields());
+  };
+  router.add({"POST", "transit/verify/:name", sign_fields,
+              "Verify a signature (against the version's public key) or an HMAC (in the token).", verify_cb});
+  router.add({"POST", "transit/verify/:name/:urlalgorithm", sign_fields,
+              "Verify, with the hash algorithm in the URL.", verify_cb});
+
+  const std::vector<Field> hmac_fields = {
+      name,
+      {"urlalgorithm", FieldType::string, "Algorithm, from the URL."},
+      {"input", FieldType::string, "Base64 input."},
+      {"key_version", FieldType::integer, "Version whose HMAC key to use; 0 or absent = latest."},
+      {"algorithm", FieldType::string, "sha1, sha2-224, sha2-256 (default), sha2-384 or sha2-512.", "sha2-256"},
+      {"batch_input", FieldType::array, "Items with input (and reference)."},
+      {"partial_failure_response_code", FieldType::integer, "Status for a partly failed batch."},
+  };
+  auto hmac_cb = [](Context& ctx) {
+    std::string algorithm = hash_algorithm_of(ctx, "urlalgorithm", "algorithm");
+    int version = ctx.fields.has("key_version") ? to_version(ctx.fields.get_int("key_version"), "key_version") : 0;
+    ItemOp op = [algorithm, version](keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& f, int) {
+      auto mac = ks.hmac(ref, input_of(f), algorithm, version);
+      return json{{"hmac", mac.value}, {"key_version", mac.key_version}};
+    };
+    return single_or_batch(ctx, *ctx.keys, *ctx.limits, op, sign_item_fields());
+  };
+  router.add({"POST", "transit/hmac/:name", hmac_fields,
+              "HMAC of base64 input with the version's HMAC key, a generic secret inside the token.", hmac_cb});
+  router.add({"POST", "transit/hmac/:name/:urlalgorithm", hmac_fields, "HMAC, with the algorithm in the URL.", hmac_cb});
+
+  // -- export --
+  const std::vector<Field> export_fields = {
+      {"key_type", FieldType::string, "encryption-key, signing-key or hmac-key."},
+      name,
+      {"version", FieldType::string, "A version number or latest; absent = every version."}};
+  auto export_cb = [](Context& ctx) {
+    std::string version = ctx.params.count("version") ? ctx.params.at("version") : "";
+    auto out = ctx.keys->export_key(key_ref(ctx), ctx.params.at("key_type"), version);
+    json keys_json = json::object();
+    for (const auto& [n, value] : out.keys) keys_json[std::to_string(n)] = value;
+    return Reply{200, json{{"name", out.name}, {"type", out.type}, {"keys", keys_json}}};
+  };
+  router.add({"GET", "transit/export/:key_type/:name", export_fields,
+              "Export every version of an exportable key (unsealed in the token).", export_cb, policy::kRead});
+  router.add({"GET", "transit/export/:key_type/:name/:version", export_fields,
+              "Export one version (a number or latest) of an exportable key.", export_cb, policy::kRead});
 
   const std::vector<Field> random_fields = {
       {"bytes", FieldType::integer, "Number of random bytes, 1 to 131072.", 32},

@@ -104,19 +104,57 @@ void Token::generate_hmac_key(const ObjectId& id, size_t bytes, const std::strin
 }
 
 Bytes Token::hmac_sha256(const ObjectId& key, const uint8_t* data, size_t len) {
-  CK_MECHANISM mech{CKM_SHA256_HMAC, nullptr, 0};
+  return hmac(key, CKM_SHA256_HMAC, data, len);
+}
+
+void Token::import_hmac_key(const ObjectId& id, const SecureBytes& value, const std::string& label) {
+  auto t = secret_key_template(CKK_GENERIC_SECRET, 0, id, label, {CKA_SIGN, CKA_VERIFY});
+  t.set_bytes(CKA_VALUE, value.data(), value.size());
+  auto l = pool_.lease();
+  CK_OBJECT_HANDLE h = 0;
+  l.check(l.fn()->C_CreateObject(l.session(), t.data(), t.size(), &h), "C_CreateObject");
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  if (cache_generation_ == l.generation()) cache_[cache_key(id)] = h;
+}
+
+Bytes Token::hmac(const KeyHandle& key, CK_MECHANISM_TYPE mechanism, const uint8_t* data, size_t len) {
+  CK_MECHANISM mech{mechanism, nullptr, 0};
   auto l = pool_.lease();
   for (int attempt = 0;; ++attempt) {
-    CK_OBJECT_HANDLE h = handle(l, key);
+    CK_OBJECT_HANDLE h = resolve(l, key);
     CK_RV rv = l.fn()->C_SignInit(l.session(), &mech, h);
     if (is_stale_handle(rv) && attempt == 0) {
-      forget(key);
+      forget(key.id);
       continue;
     }
     l.check(rv, "C_SignInit");
-    Bytes out(32);
+    Bytes out(64);
     CK_ULONG out_len = out.size();
-    rv = l.fn()->C_Sign(l.session(), const_cast<uint8_t*>(data), len, out.data(), &out_len);
+    uint8_t none = 0;
+    rv = l.fn()->C_Sign(l.session(), len ? const_cast<uint8_t*>(data) : &none, len, out.data(), &out_len);
+    if (rv != CKR_OK) l.discard();
+    l.check(rv, "C_Sign");
+    out.resize(out_len);
+    return out;
+  }
+}
+
+Bytes Token::sign(const KeyHandle& key, CK_MECHANISM_TYPE mechanism, void* params, size_t params_len,
+                  const uint8_t* data, size_t len) {
+  CK_MECHANISM mech{mechanism, params, static_cast<CK_ULONG>(params_len)};
+  auto l = pool_.lease();
+  for (int attempt = 0;; ++attempt) {
+    CK_OBJECT_HANDLE h = resolve(l, key);
+    CK_RV rv = l.fn()->C_SignInit(l.session(), &mech, h);
+    if (is_stale_handle(rv) && attempt == 0) {
+      forget(key.id);
+      continue;
+    }
+    l.check(rv, "C_SignInit");
+    Bytes out(1024);  // RSA-4096: 512 bytes; ECDSA P-384: 96; Ed25519: 64
+    CK_ULONG out_len = out.size();
+    uint8_t none = 0;
+    rv = l.fn()->C_Sign(l.session(), len ? const_cast<uint8_t*>(data) : &none, len, out.data(), &out_len);
     if (rv != CKR_OK) l.discard();
     l.check(rv, "C_Sign");
     out.resize(out_len);
@@ -152,19 +190,50 @@ CK_OBJECT_HANDLE Token::handle(SessionPool::Lease& l, const ObjectId& id) {
 void Token::forget(const ObjectId& id) {
   std::lock_guard<std::mutex> lk(cache_mu_);
   cache_.erase(cache_key(id));
+  session_cache_.erase(cache_key(id));
 }
 
-Bytes Token::aes_gcm_encrypt(const ObjectId& key, const Bytes& iv, const Bytes& aad,
+// Session objects live until the session that made them closes (the pool keeps its sessions
+// for the process's life, and replaces one that failed: then the handle is stale and the
+// caller's retry makes the object again). Bounded: past kMaxSessionObjects they are all
+// destroyed and made again on demand.
+CK_OBJECT_HANDLE Token::resolve(SessionPool::Lease& l, const KeyHandle& key) {
+  if (!key.load) return handle(l, key.id);
+  constexpr size_t kMaxSessionObjects = 4096;
+  std::lock_guard<std::mutex> create_lock(load_mu_);
+  {
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    if (cache_generation_ != l.generation()) {
+      cache_.clear();
+      session_cache_.clear();
+      cache_generation_ = l.generation();
+    }
+    auto it = session_cache_.find(cache_key(key.id));
+    if (it != session_cache_.end()) return it->second;
+    if (session_cache_.size() >= kMaxSessionObjects) {
+      for (const auto& entry : session_cache_) l.fn()->C_DestroyObject(l.session(), entry.second);
+      session_cache_.clear();
+    }
+  }
+  AttributeTemplate t = key.load();
+  CK_OBJECT_HANDLE h = 0;
+  l.check(l.fn()->C_CreateObject(l.session(), t.data(), t.size(), &h), "C_CreateObject");
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  if (cache_generation_ == l.generation()) session_cache_[cache_key(key.id)] = h;
+  return h;
+}
+
+Bytes Token::aes_gcm_encrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                              const uint8_t* plaintext, size_t len) {
   CK_GCM_PARAMS params{const_cast<uint8_t*>(iv.data()), iv.size(), iv.size() * 8,
                        const_cast<uint8_t*>(aad.data()), aad.size(), 128};
   CK_MECHANISM mech{CKM_AES_GCM, &params, sizeof params};
   auto l = pool_.lease();
   for (int attempt = 0;; ++attempt) {
-    CK_OBJECT_HANDLE h = handle(l, key);
+    CK_OBJECT_HANDLE h = resolve(l, key);
     CK_RV rv = l.fn()->C_EncryptInit(l.session(), &mech, h);
     if (is_stale_handle(rv) && attempt == 0) {  // destroyed and re-found by another process
-      forget(key);
+      forget(key.id);
       continue;
     }
     l.check(rv, "C_EncryptInit");
@@ -182,7 +251,7 @@ Bytes Token::aes_gcm_encrypt(const ObjectId& key, const Bytes& iv, const Bytes& 
   }
 }
 
-std::optional<SecureBytes> Token::aes_gcm_decrypt(const ObjectId& key, const Bytes& iv, const Bytes& aad,
+std::optional<SecureBytes> Token::aes_gcm_decrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                                                   const uint8_t* ciphertext, size_t len) {
   if (len < 16) return std::nullopt;
   CK_GCM_PARAMS params{const_cast<uint8_t*>(iv.data()), iv.size(), iv.size() * 8,
@@ -190,10 +259,10 @@ std::optional<SecureBytes> Token::aes_gcm_decrypt(const ObjectId& key, const Byt
   CK_MECHANISM mech{CKM_AES_GCM, &params, sizeof params};
   auto l = pool_.lease();
   for (int attempt = 0;; ++attempt) {
-    CK_OBJECT_HANDLE h = handle(l, key);
+    CK_OBJECT_HANDLE h = resolve(l, key);
     CK_RV rv = l.fn()->C_DecryptInit(l.session(), &mech, h);
     if (is_stale_handle(rv) && attempt == 0) {
-      forget(key);
+      forget(key.id);
       continue;
     }
     l.check(rv, "C_DecryptInit");

@@ -4,18 +4,56 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "hsm/attributes.hpp"
 #include "hsm/secret.hpp"
 #include "hsm/session_pool.hpp"
 
 namespace p11kms::hsm {
 
 using ObjectId = std::vector<uint8_t>;  // the CKA_ID, 16 random bytes
+
+// How an operation finds its key: a persistent token object by CKA_ID, or, when `load` is set,
+// a non-extractable session object (CKA_TOKEN=false) made by `load` on first use (exportable
+// keys, whose material lives sealed in the store), cached under `id` and made again when the
+// session that held it has gone. `load` unseals material only on a cache miss.
+struct KeyHandle {
+  KeyHandle(const ObjectId& object_id) : id(object_id) {}  // NOLINT: implicit on purpose
+  KeyHandle(ObjectId cache_id, std::function<AttributeTemplate()> loader)
+      : id(std::move(cache_id)), load(std::move(loader)) {}
+  ObjectId id;
+  std::function<AttributeTemplate()> load;
+};
+
+// Asymmetric key pairs the token makes.
+enum class PairKind { ec_p256, ec_p384, ed25519, rsa };
+struct PairSpec {
+  PairKind kind = PairKind::ec_p256;
+  int rsa_bits = 0;  // for rsa
+};
+
+// An exportable key pair: the private key as PKCS#8 DER (to be sealed at once) and the public
+// key as SubjectPublicKeyInfo DER.
+struct ExportablePair {
+  SecureBytes pkcs8;
+  Bytes spki;
+};
+
+// Session-object templates for material unsealed from the store: private, sensitive,
+// non-extractable, CKA_TOKEN=false, only the given usage true.
+AttributeTemplate session_secret_template(CK_KEY_TYPE type, const SecureBytes& value,
+                                          std::initializer_list<CK_ATTRIBUTE_TYPE> usages);
+// A private key (EC P-256/P-384, Ed25519 or RSA) from PKCS#8 DER, CKA_SIGN only. Throws
+// std::invalid_argument if the DER is not such a key.
+AttributeTemplate session_private_key_template(const SecureBytes& pkcs8);
+// The SubjectPublicKeyInfo DER of a PKCS#8 private key (for imported and exportable keys).
+Bytes public_key_of_pkcs8(const SecureBytes& pkcs8);
 
 struct ObjectInfo {
   ObjectId id;
@@ -47,11 +85,29 @@ class Token {
   // HMAC-SHA256 computed in the token with that key.
   Bytes hmac_sha256(const ObjectId& key, const uint8_t* data, size_t len);
 
+  // A generic secret of the given value, CKA_SIGN/CKA_VERIFY only (an imported HMAC key).
+  void import_hmac_key(const ObjectId& id, const SecureBytes& value, const std::string& label);
+  // HMAC with mechanism CKM_SHA*_HMAC computed in the token.
+  Bytes hmac(const KeyHandle& key, CK_MECHANISM_TYPE mechanism, const uint8_t* data, size_t len);
+
+  // A persistent key pair: the private key is a token object (private, sensitive,
+  // non-extractable, CKA_SIGN only); the public key is made as a session object, read and
+  // destroyed. Returns the public key as SubjectPublicKeyInfo DER.
+  Bytes generate_key_pair(const PairSpec& spec, const ObjectId& id, const std::string& label);
+  // A key pair made by the token for an exportable key: session objects only (the private one
+  // readable so it can be sealed), destroyed before returning.
+  ExportablePair generate_exportable_key_pair(const PairSpec& spec);
+  // A signature made in the token. CKM_ECDSA (data: a digest; result r || s), CKM_EDDSA (data:
+  // the message), CKM_RSA_PKCS (data: a DigestInfo), CKM_RSA_PKCS_PSS (data: a digest;
+  // params: CK_RSA_PKCS_PSS_PARAMS).
+  Bytes sign(const KeyHandle& key, CK_MECHANISM_TYPE mechanism, void* params, size_t params_len,
+             const uint8_t* data, size_t len);
+
   // AES-GCM with a 128-bit tag; returns ciphertext || tag.
-  Bytes aes_gcm_encrypt(const ObjectId& key, const Bytes& iv, const Bytes& aad,
+  Bytes aes_gcm_encrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                         const uint8_t* plaintext, size_t len);
   // nullopt when the tag does not verify (or the data is not a GCM ciphertext).
-  std::optional<SecureBytes> aes_gcm_decrypt(const ObjectId& key, const Bytes& iv, const Bytes& aad,
+  std::optional<SecureBytes> aes_gcm_decrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                                              const uint8_t* ciphertext, size_t len);
 
   // Destroys the object with this CKA_ID if present; returns whether one was destroyed.
@@ -69,12 +125,15 @@ class Token {
   void generate_secret(CK_MECHANISM_TYPE mechanism, class AttributeTemplate& t, const ObjectId& id);
   std::optional<CK_OBJECT_HANDLE> find(SessionPool::Lease& lease, const ObjectId& id);
   CK_OBJECT_HANDLE handle(SessionPool::Lease& lease, const ObjectId& id);  // throws ObjectMissing
+  CK_OBJECT_HANDLE resolve(SessionPool::Lease& lease, const KeyHandle& key);
   void forget(const ObjectId& id);
 
   SessionPool& pool_;
   std::mutex cache_mu_;
   uint64_t cache_generation_ = 0;
   std::unordered_map<std::string, CK_OBJECT_HANDLE> cache_;
+  std::mutex load_mu_;  // one creator per session object
+  std::unordered_map<std::string, CK_OBJECT_HANDLE> session_cache_;  // KeyHandle::load objects
 };
 
 }  // namespace p11kms::hsm

@@ -61,6 +61,16 @@ store::KeyRecord Key::with_config(const KeyConfigChange& c) const {
                   ") must not be less than min_decryption_version (" +
                   std::to_string(next.min_decryption_version) + ")");
   if (c.deletion_allowed) next.deletion_allowed = *c.deletion_allowed;
+  if (c.exportable) {
+    if (*c.exportable && !r_.exportable)
+      throw invalid("key \"" + r_.name + "\" was created non-exportable and exists only inside the token: "
+                    "it cannot be made exportable (create a new key with exportable set)", "not_exportable");
+    if (!*c.exportable && r_.exportable) throw invalid("exportable cannot be disabled once enabled");
+  }
+  if (c.auto_rotate_period) {
+    if (*c.auto_rotate_period < 0) throw invalid("auto_rotate_period cannot be negative");
+    next.auto_rotate_period = *c.auto_rotate_period;
+  }
   return next;
 }
 

@@ -14,6 +14,10 @@ struct KeyConfigChange {
   std::optional<int> min_decryption_version;
   std::optional<int> min_encryption_version;
   std::optional<bool> deletion_allowed;
+  // Transit: exportable can be turned on only for a key created exportable (custody: a
+  // non-exportable key exists only inside the token) and never off.
+  std::optional<bool> exportable;
+  std::optional<int64_t> auto_rotate_period;  // seconds; 0 = off
 };
 
 // What a caller is about to do with a key; each state allows some of these.

@@ -1,5 +1,6 @@
 #include "keys/key_service.hpp"
 
+#include <openssl/crypto.h>
 #include <openssl/rand.h>
 
 #include <cctype>
@@ -25,6 +26,41 @@ hsm::ObjectId object_id_of(const store::VersionRecord& v) {
   auto id = encoding::hex_decode(v.object_id);
   if (!id) throw KeyError(ErrorKind::internal, "internal", "corrupt object id in the store");
   return *id;
+}
+
+// SoftHSM refuses HMAC keys shorter than the digest (CKR_KEY_SIZE_RANGE: 32 bytes with
+// SHA-384/512). HMAC zero-pads a short key to the hash's block size, so a key zero-padded to
+// 64 bytes gives exactly the HMAC of the key itself with sha1 and every sha2.
+constexpr size_t kTokenHmacKeyBytes = 64;
+constexpr size_t kVaultHmacKeyBytes = 32;  // Vault's per-version HMAC key
+
+hsm::SecureBytes padded_hmac_key(const hsm::SecureBytes& key) {
+  if (key.size() >= kTokenHmacKeyBytes) return key;
+  hsm::SecureBytes out(kTokenHmacKeyBytes);
+  std::copy(key.data(), key.data() + key.size(), out.data());
+  return out;
+}
+
+hsm::ObjectId session_id(const std::string& version_id, const char* what) {
+  std::string s = version_id + what;
+  return hsm::ObjectId(s.begin(), s.end());
+}
+
+std::vector<uint8_t> hmac_aad(const std::string& ns, const std::string& key_id, int version) {
+  return sealed_material_aad(ns, key_id + "/hmac", version);
+}
+
+// "vault:v<N>:<payload>" -> (N, payload); 400 naming the problem.
+std::pair<int, std::string> split_vault_value(const std::string& text, const char* what) {
+  const std::string prefix = "vault:v";
+  if (text.rfind(prefix, 0) != 0) throw invalid(std::string("invalid ") + what + ": it must start with vault:v<N>:");
+  size_t colon = text.find(':', prefix.size());
+  std::string num = text.substr(prefix.size(), colon == std::string::npos ? std::string::npos : colon - prefix.size());
+  if (colon == std::string::npos || num.empty() || num.size() > 9 || num.find_first_not_of("0123456789") != std::string::npos)
+    throw invalid(std::string("invalid ") + what + ": no version after vault:v");
+  int version = std::stoi(num);
+  if (version < 1) throw invalid(std::string("invalid ") + what + ": version must be at least 1");
+  return {version, text.substr(colon + 1)};
 }
 
 std::vector<uint8_t> new_iv() {
@@ -109,10 +145,20 @@ store::VersionRecord KeyService::create_version_object(const Key& key, int versi
   v.created_at = now_seconds();
   store_.add_intent(store::Intent{v.object_id, label, v.created_at});
   try {
-    if (material)
+    KeyType type = key.type();
+    if (is_asymmetric(type)) {
+      if (material) throw invalid("importing " + std::string(key_type_name(type)) + " keys is not supported yet");
+      v.public_key = public_key_pem(token_.generate_key_pair(pair_spec(type), id, label));
+    } else if (type == KeyType::hmac) {
+      if (material)
+        token_.import_hmac_key(id, padded_hmac_key(*material), label);
+      else  // at least 64 bytes (see kTokenHmacKeyBytes); never exported, so never seen
+        token_.generate_hmac_key(id, std::max(material_bytes(key.record()), kTokenHmacKeyBytes), label);
+    } else if (material) {
       token_.import_aes_key(id, *material, label);
-    else
-      token_.generate_aes_key(id, key_type_bytes(key.type()), label);
+    } else {
+      token_.generate_aes_key(id, key_type_bytes(type), label);
+    }
   } catch (...) {
     try {
       token_.destroy(id);
@@ -125,21 +171,113 @@ store::VersionRecord KeyService::create_version_object(const Key& key, int versi
   return v;
 }
 
+size_t KeyService::material_bytes(const store::KeyRecord& key) const {
+  auto type = parse_key_type(key.type);
+  if (type == KeyType::hmac) return key.key_size > 0 ? static_cast<size_t>(key.key_size) : 32;
+  return type ? key_type_bytes(*type) : 32;
+}
+
 store::VersionRecord KeyService::new_version(const Key& key, int version, const hsm::SecureBytes* material) {
-  if (is_aes(key.type())) return create_version_object(key, version, material);
-  // Exportable material never becomes a persistent token object: the token draws it and seals
-  // it under the master key; only the sealed form is stored.
+  KeyType type = key.type();
+  if (type != KeyType::standard && !key.record().exportable) return create_version_object(key, version, material);
+  // Exportable material never becomes a persistent token object: the token draws it (or makes
+  // the key pair as session objects) and it is sealed under the master key at once; only the
+  // sealed form is stored.
+  store::VersionRecord v;
   hsm::SecureBytes drawn;
-  if (!material) {
-    drawn = token_.random_secret(key_type_bytes(key.type()));
+  if (is_asymmetric(type)) {
+    if (material) throw invalid("importing " + std::string(key_type_name(type)) + " keys is not supported yet");
+    auto pair = token_.generate_exportable_key_pair(pair_spec(type));
+    drawn = std::move(pair.pkcs8);
+    v.public_key = public_key_pem(pair.spki);
+    material = &drawn;
+  } else if (!material) {
+    drawn = token_.random_secret(material_bytes(key.record()));
     material = &drawn;
   }
-  store::VersionRecord v;
   v.version = version;
   v.id = uuid::new_v4();
   v.created_at = now_seconds();
   v.sealed = seal_material(key.record(), version, *material);
   return v;
+}
+
+hsm::KeyHandle KeyService::material_handle(const Key& key, const store::VersionRecord& v) {
+  if (!v.object_id.empty()) return object_id_of(v);
+  store::KeyRecord owner;  // what unsealing needs, not the whole record
+  owner.ns = key.record().ns;
+  owner.id = key.record().id;
+  KeyType type = key.type();
+  return hsm::KeyHandle(session_id(v.id, "/material"), [this, owner, v, type] {
+    hsm::SecureBytes m = unseal_material(owner, v);
+    if (is_asymmetric(type)) return hsm::session_private_key_template(m);
+    if (type == KeyType::hmac)
+      return hsm::session_secret_template(CKK_GENERIC_SECRET, padded_hmac_key(m), {CKA_SIGN, CKA_VERIFY});
+    return hsm::session_secret_template(CKK_AES, m, {CKA_ENCRYPT, CKA_DECRYPT});
+  });
+}
+
+void KeyService::ensure_hmac_key(const KeyRef& ref, int version) {
+  std::lock_guard<std::mutex> lk(write_mu_);
+  invalidate(ref);
+  auto key = load_existing(ref);
+  auto it = key->record().versions.find(version);
+  if (it == key->record().versions.end()) throw invalid("key version " + std::to_string(version) + " does not exist");
+  const auto& v = it->second;
+  if (!v.hmac_object_id.empty() || !v.hmac_sealed.empty()) return;
+  if (key->record().exportable) {
+    // Vault's size; sealed like the key's own material, under its own AAD.
+    auto material = token_.random_secret(kVaultHmacKeyBytes);
+    auto iv = new_iv();
+    auto sealed = token_.aes_gcm_encrypt(master_key(), iv, hmac_aad(ref.ns, key->record().id, version),
+                                         material.data(), material.size());
+    iv.insert(iv.end(), sealed.begin(), sealed.end());
+    store_.set_version_hmac(ref.ns, ref.name, version, "", encoding::base64_encode(iv));
+  } else {
+    auto id = token_.new_object_id();
+    std::string hex = encoding::hex_encode(id);
+    std::string label = key->label_for(version) + "/hmac";
+    store_.add_intent(store::Intent{hex, label, now_seconds()});
+    try {
+      token_.generate_hmac_key(id, kTokenHmacKeyBytes, label);
+      if (!store_.set_version_hmac(ref.ns, ref.name, version, hex, "")) throw std::runtime_error("lost a race");
+    } catch (...) {
+      try {
+        token_.destroy(id);
+        store_.remove_intent(hex);
+      } catch (...) {
+        // The intent stays; the sweeper removes the object later.
+      }
+      throw;
+    }
+    log::info("keys: made the HMAC key of " + ref.ns + "/" + ref.name + " v" + std::to_string(version));
+  }
+  invalidate(ref);
+}
+
+hsm::KeyHandle KeyService::hmac_handle(const KeyRef& ref, std::shared_ptr<const Key>& key, int version) {
+  const store::VersionRecord* v = &key->record().versions.at(version);
+  if (key->type() == KeyType::hmac) return material_handle(*key, *v);
+  if (v->hmac_object_id.empty() && v->hmac_sealed.empty()) {
+    ensure_hmac_key(ref, version);
+    key = load_existing(ref);
+    v = &key->record().versions.at(version);
+  }
+  if (!v->hmac_object_id.empty()) {
+    auto id = encoding::hex_decode(v->hmac_object_id);
+    if (!id) throw KeyError(ErrorKind::internal, "internal", "corrupt object id in the store");
+    return *id;
+  }
+  std::string ns = key->record().ns, key_id = key->record().id, sealed = v->hmac_sealed;
+  int number = v->version;
+  return hsm::KeyHandle(session_id(v->id, "/hmac"), [this, ns, key_id, sealed, number] {
+    auto blob = encoding::base64_decode(sealed);
+    if (!blob || blob->size() < 12 + 16) throw KeyError(ErrorKind::internal, "internal", "corrupt sealed HMAC key");
+    hsm::Bytes iv(blob->begin(), blob->begin() + 12);
+    auto pt = token_.aes_gcm_decrypt(master_key(), iv, hmac_aad(ns, key_id, number), blob->data() + 12, blob->size() - 12);
+    if (!pt) throw KeyError(ErrorKind::internal, "internal", "sealed HMAC key does not open");
+    return hsm::session_secret_template(CKK_GENERIC_SECRET, padded_hmac_key(*pt), {CKA_SIGN, CKA_VERIFY});
+  });
 }
 
 void KeyService::discard_version(const store::VersionRecord& v) noexcept {
@@ -208,7 +346,8 @@ hsm::SecureBytes KeyService::unseal_material(const store::KeyRecord& key, const 
 CreateResult KeyService::create_key(const KeyRef& ref, const std::string& type_name, const std::string& created_by) {
   auto type = parse_key_type(type_name);
   if (!type || !is_aes(*type))
-    throw invalid("unknown key type \"" + type_name + "\": type must be one of " + supported_key_types(),
+    throw invalid((type ? "key type \"" + type_name + "\" cannot encrypt" : "unknown key type \"" + type_name + "\"") +
+                      ": type must be one of " + encryption_key_types(),
                   "invalid_type");
   KeySpec spec;
   spec.type = type_name;
@@ -220,8 +359,28 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
   return guarded([&] {
     validate_name(ref.name);
     auto type = parse_key_type(spec.type);
-    if (!type) throw invalid("unknown key type \"" + spec.type + "\"", "invalid_type");
+    if (!type)
+      throw invalid("unknown key type \"" + spec.type + "\": type must be one of " + supported_key_types(), "invalid_type");
     if (is_aes(*type)) require_aes_gcm();
+    if (is_asymmetric(*type)) {
+      auto ps = pair_spec(*type);
+      CK_MECHANISM_TYPE gen = ps.kind == hsm::PairKind::rsa       ? CKM_RSA_PKCS_KEY_PAIR_GEN
+                              : ps.kind == hsm::PairKind::ed25519 ? CKM_EC_EDWARDS_KEY_PAIR_GEN
+                                                                  : CKM_EC_KEY_PAIR_GEN;
+      CK_MECHANISM_TYPE sig = ps.kind == hsm::PairKind::rsa       ? CKM_RSA_PKCS
+                              : ps.kind == hsm::PairKind::ed25519 ? CKM_EDDSA
+                                                                  : CKM_ECDSA;
+      if (!token_.has_mechanism(gen) || !token_.has_mechanism(sig))
+        throw invalid("the token's PKCS#11 module cannot make or use " + spec.type + " keys (mechanism missing)",
+                      "mechanism_unavailable");
+    }
+    if (*type == KeyType::hmac) {
+      if (spec.key_size != 0 && (spec.key_size < 16 || spec.key_size > 512))
+        throw invalid("key_size must be between 16 and 512 bytes for hmac keys, not " + std::to_string(spec.key_size),
+                      "invalid_key_size");
+      if (!token_.has_mechanism(CKM_GENERIC_SECRET_KEY_GEN) || !token_.has_mechanism(CKM_SHA256_HMAC))
+        throw invalid("the token's PKCS#11 module offers no HMAC", "mechanism_unavailable");
+    }
     if (spec.material) check_material(*type, *spec.material);
     std::lock_guard<std::mutex> lk(write_mu_);
     if (auto existing = load(KeyRef{ref.ns, ref.name})) return CreateResult{existing->record(), false};
@@ -237,7 +396,8 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
     rec.expires_at = spec.expires_at;
     rec.created_by = spec.created_by;
     rec.imported = spec.material != nullptr;
-    rec.exportable = *type == KeyType::standard;
+    rec.exportable = *type == KeyType::standard || spec.exportable;
+    if (*type == KeyType::hmac) rec.key_size = spec.key_size != 0 ? spec.key_size : 32;
     Key draft(rec);
     auto v1 = new_version(draft, 1, spec.material);
     rec.versions[1] = v1;
@@ -398,7 +558,7 @@ Sealed KeyService::encrypt(const KeyRef& ref, const uint8_t* plaintext, size_t l
     key->require_state_for(KeyUse::encrypt, now_seconds());
     const auto& v = key->encryption_version(key_version);
     auto iv = new_iv();
-    auto sealed = token_.aes_gcm_encrypt(object_id_of(v), iv, aad, plaintext, len);
+    auto sealed = token_.aes_gcm_encrypt(material_handle(*key, v), iv, aad, plaintext, len);
     return Sealed{format_transit_ciphertext(v.version, iv, sealed), v.version};
   });
 }
@@ -410,7 +570,7 @@ hsm::SecureBytes KeyService::decrypt(const KeyRef& ref, const std::string& ciphe
     key->require_state_for(KeyUse::decrypt, now_seconds());
     auto ct = parse_transit_ciphertext(ciphertext);
     const auto& v = key->decryption_version(ct.version);
-    auto pt = token_.aes_gcm_decrypt(object_id_of(v), ct.iv, aad, ct.sealed.data(), ct.sealed.size());
+    auto pt = token_.aes_gcm_decrypt(material_handle(*key, v), ct.iv, aad, ct.sealed.data(), ct.sealed.size());
     if (!pt) throw invalid("invalid ciphertext: message authentication failed", "decryption_failed");
     return std::move(*pt);
   });
@@ -516,6 +676,185 @@ UnwrapResult KeyService::rewrap_wrapped(const KeyRef& ref, const std::string& ci
       auto key = load_wrapping_key(ref, KeyUse::encrypt);
       out.rewrapped = wrap_with(*key, out.plaintext.data(), out.plaintext.size(), aad);
     }
+    return out;
+  });
+}
+
+std::shared_ptr<const Key> KeyService::load_for_signing(const KeyRef& ref) {
+  auto k = load(ref);
+  if (!k) throw invalid("signing key not found: no key named \"" + ref.name + "\"", "key_not_found");
+  if (!is_asymmetric(k->type()))
+    throw invalid("key \"" + ref.name + "\" is of type " + k->record().type + ", which does not support signing",
+                  "unsupported_operation");
+  return k;
+}
+
+SignResult KeyService::sign(const KeyRef& ref, const std::vector<uint8_t>& input, const SignOptions& o, int key_version) {
+  return guarded([&] {
+    auto key = load_for_signing(ref);
+    key->require_state_for(KeyUse::encrypt, now_seconds());
+    KeyType type = key->type();
+    const auto& v = key->encryption_version(key_version);
+    std::vector<uint8_t> sig;
+    std::string encoded;
+    if (type == KeyType::ed25519) {
+      if (o.prehashed) throw invalid("prehashed input is not supported for ed25519 keys (Ed25519 signs the message itself)");
+      sig = token_.sign(material_handle(*key, v), CKM_EDDSA, nullptr, 0, input.data(), input.size());
+    } else if (is_ecdsa(type)) {
+      if (o.marshaling_algorithm != "asn1" && o.marshaling_algorithm != "jws")
+        throw invalid("unsupported marshaling_algorithm \"" + o.marshaling_algorithm + "\": use asn1 or jws");
+      if (o.hash_algorithm == "none") throw invalid("hash_algorithm none is only for RSA PKCS#1 v1.5 signatures");
+      size_t n = hash_size(o.hash_algorithm);
+      if (o.prehashed && input.size() != n)
+        throw invalid("prehashed input must be " + std::to_string(n) + " bytes for " + o.hash_algorithm + ", not " +
+                      std::to_string(input.size()));
+      auto digest = o.prehashed ? input : hash_input(o.hash_algorithm, input);
+      auto raw = token_.sign(material_handle(*key, v), CKM_ECDSA, nullptr, 0, digest.data(), digest.size());
+      if (o.marshaling_algorithm == "jws") encoded = base64url_nopad(raw);
+      else sig = ecdsa_raw_to_der(raw);
+    } else {  // RSA
+      std::string alg = o.signature_algorithm.empty() ? "pss" : o.signature_algorithm;
+      if (alg != "pss" && alg != "pkcs1v15")
+        throw invalid("unsupported signature_algorithm \"" + alg + "\": use pss or pkcs1v15");
+      std::vector<uint8_t> digest;
+      if (o.hash_algorithm == "none") {
+        if (alg != "pkcs1v15") throw invalid("hash_algorithm none needs signature_algorithm pkcs1v15");
+        if (!o.prehashed) throw invalid("hash_algorithm none needs prehashed input");
+        digest = input;
+      } else {
+        size_t n = hash_size(o.hash_algorithm);
+        if (o.prehashed && input.size() != n)
+          throw invalid("prehashed input must be " + std::to_string(n) + " bytes for " + o.hash_algorithm + ", not " +
+                        std::to_string(input.size()));
+        digest = o.prehashed ? input : hash_input(o.hash_algorithm, input);
+      }
+      if (alg == "pss") {
+        CK_RSA_PKCS_PSS_PARAMS params{pkcs11_hash(o.hash_algorithm), pkcs11_mgf(o.hash_algorithm), 0};
+        params.sLen = pss_salt_length(o.salt_length, rsa_modulus_bits(v.public_key), digest.size());
+        if (!token_.has_mechanism(CKM_RSA_PKCS_PSS))
+          throw invalid("the token's PKCS#11 module offers no RSA-PSS", "mechanism_unavailable");
+        sig = token_.sign(material_handle(*key, v), CKM_RSA_PKCS_PSS, &params, sizeof params, digest.data(), digest.size());
+      } else {
+        auto data = o.hash_algorithm == "none" ? digest : digest_info(o.hash_algorithm, digest);
+        sig = token_.sign(material_handle(*key, v), CKM_RSA_PKCS, nullptr, 0, data.data(), data.size());
+      }
+    }
+    if (encoded.empty()) encoded = encoding::base64_encode(sig);
+    return SignResult{"vault:v" + std::to_string(v.version) + ":" + encoded, v.version};
+  });
+}
+
+bool KeyService::verify(const KeyRef& ref, const std::vector<uint8_t>& input, const SignOptions& o,
+                        const std::string& signature) {
+  return guarded([&] {
+    auto key = load_for_signing(ref);
+    key->require_state_for(KeyUse::decrypt, now_seconds());
+    auto [version, payload] = split_vault_value(signature, "signature");
+    const auto& v = key->decryption_version(version);
+    KeyType type = key->type();
+    bool jws = is_ecdsa(type) && o.marshaling_algorithm == "jws";
+    if (is_ecdsa(type) && !jws && o.marshaling_algorithm != "asn1")
+      throw invalid("unsupported marshaling_algorithm \"" + o.marshaling_algorithm + "\": use asn1 or jws");
+    if (is_rsa(type) && !o.signature_algorithm.empty() && o.signature_algorithm != "pss" && o.signature_algorithm != "pkcs1v15")
+      throw invalid("unsupported signature_algorithm \"" + o.signature_algorithm + "\": use pss or pkcs1v15");
+    if (type != KeyType::ed25519 && o.hash_algorithm != "none") {
+      size_t n = hash_size(o.hash_algorithm);  // 400 for unknown names
+      if (o.prehashed && input.size() != n)
+        throw invalid("prehashed input must be " + std::to_string(n) + " bytes for " + o.hash_algorithm);
+    }
+    auto bytes = jws ? base64url_decode(payload) : encoding::base64_decode(payload);
+    if (!bytes) throw invalid("invalid signature: it is not valid " + std::string(jws ? "base64url" : "base64"));
+    return verify_signature(type, v.public_key, o, input, *bytes);
+  });
+}
+
+SignResult KeyService::hmac(const KeyRef& ref, const std::vector<uint8_t>& input, const std::string& algorithm,
+                            int key_version) {
+  return guarded([&] {
+    auto mech = hmac_mechanism(algorithm);
+    if (!token_.has_mechanism(mech)) throw invalid("the token's PKCS#11 module offers no " + algorithm + " HMAC", "mechanism_unavailable");
+    auto key = load(ref);
+    if (!key) throw invalid("HMAC key not found: no key named \"" + ref.name + "\"", "key_not_found");
+    if (key->type() == KeyType::standard) throw invalid("key \"" + ref.name + "\" is a standard key; it has no HMAC key");
+    key->require_state_for(KeyUse::encrypt, now_seconds());
+    int version = key->encryption_version(key_version).version;
+    auto handle = hmac_handle(ref, key, version);
+    auto mac = token_.hmac(handle, mech, input.data(), input.size());
+    return SignResult{"vault:v" + std::to_string(version) + ":" + encoding::base64_encode(mac), version};
+  });
+}
+
+bool KeyService::verify_hmac(const KeyRef& ref, const std::vector<uint8_t>& input, const std::string& algorithm,
+                             const std::string& hmac_value) {
+  return guarded([&] {
+    auto mech = hmac_mechanism(algorithm);
+    auto key = load(ref);
+    if (!key) throw invalid("HMAC key not found: no key named \"" + ref.name + "\"", "key_not_found");
+    if (key->type() == KeyType::standard) throw invalid("key \"" + ref.name + "\" is a standard key; it has no HMAC key");
+    key->require_state_for(KeyUse::decrypt, now_seconds());
+    auto [version, payload] = split_vault_value(hmac_value, "hmac");
+    key->decryption_version(version);
+    auto expected = encoding::base64_decode(payload);
+    if (!expected) throw invalid("invalid hmac: it is not valid base64");
+    auto handle = hmac_handle(ref, key, version);
+    auto mac = token_.hmac(handle, mech, input.data(), input.size());
+    return mac.size() == expected->size() && CRYPTO_memcmp(mac.data(), expected->data(), mac.size()) == 0;
+  });
+}
+
+ExportResult KeyService::export_key(const KeyRef& ref, const std::string& export_type, const std::string& version) {
+  return guarded([&] {
+    if (export_type != "encryption-key" && export_type != "signing-key" && export_type != "hmac-key")
+      throw invalid("invalid export type \"" + export_type + "\": use encryption-key, signing-key or hmac-key");
+    auto key = load_existing(ref);
+    KeyType type = key->type();
+    if (!key->record().exportable || type == KeyType::standard)
+      throw invalid("key \"" + ref.name + "\" is not exportable: it was created without exportable, so it exists only "
+                    "inside the token", "not_exportable");
+    if (export_type == "encryption-key" && !is_aes(type))
+      throw invalid("encryption-key export: key \"" + ref.name + "\" (" + key->record().type + ") is not an encryption key");
+    if (export_type == "signing-key" && !is_asymmetric(type))
+      throw invalid("signing-key export: key \"" + ref.name + "\" (" + key->record().type + ") is not a signing key");
+    key->require_state_for(KeyUse::read_material, now_seconds());
+    std::vector<int> versions;
+    if (version.empty()) {
+      for (const auto& [n, v] : key->record().versions)
+        if (n >= key->record().min_decryption_version) versions.push_back(n);
+    } else if (version == "latest") {
+      versions.push_back(key->latest_version());
+    } else {
+      if (version.size() > 9 || version.find_first_not_of("0123456789") != std::string::npos)
+        throw invalid("invalid version \"" + version + "\": use a number or latest");
+      int n = std::stoi(version);
+      if (n == 0) n = key->latest_version();
+      key->decryption_version(n);  // exists, not below min_decryption_version
+      versions.push_back(n);
+    }
+    ExportResult out;
+    out.name = ref.name;
+    out.type = key->record().type;
+    for (int n : versions) {
+      if (export_type == "hmac-key" && type != KeyType::hmac) {
+        auto v = key->record().versions.at(n);
+        if (v.hmac_sealed.empty()) {
+          ensure_hmac_key(ref, n);
+          key = load_existing(ref);
+          v = key->record().versions.at(n);
+        }
+        auto blob = encoding::base64_decode(v.hmac_sealed);
+        if (!blob || blob->size() < 28) throw KeyError(ErrorKind::internal, "internal", "corrupt sealed HMAC key");
+        hsm::Bytes iv(blob->begin(), blob->begin() + 12);
+        auto pt = token_.aes_gcm_decrypt(master_key(), iv, hmac_aad(ref.ns, key->record().id, n), blob->data() + 12,
+                                         blob->size() - 12);
+        if (!pt) throw KeyError(ErrorKind::internal, "internal", "sealed HMAC key does not open");
+        out.keys[n] = encoding::base64_encode(pt->data(), pt->size());
+        continue;
+      }
+      auto material = unseal_material(key->record(), key->record().versions.at(n));
+      out.keys[n] = is_asymmetric(type) ? export_private_key(type, material)
+                                        : encoding::base64_encode(material.data(), material.size());
+    }
+    log::info("keys: exported " + export_type + " of " + ref.ns + "/" + ref.name);
     return out;
   });
 }

@@ -35,6 +35,13 @@ struct VersionRecord {
   std::string object_id;
   std::string sealed;
   int64_t created_at = 0;  // unix seconds
+  // Asymmetric keys: the public key (PEM, SubjectPublicKeyInfo); public by definition.
+  std::string public_key;
+  // Transit's per-version HMAC key, made on first use: a token object (hex CKA_ID) or, for
+  // exportable keys, sealed material; both empty until then. (An `hmac` key's own material
+  // is its version's object_id / sealed.)
+  std::string hmac_object_id;
+  std::string hmac_sealed;
 };
 
 // Key Protect's lifecycle states, shared by every dialect. Deactivation by expiry is derived
@@ -60,6 +67,12 @@ struct KeyRecord {
   int64_t deleted_at = 0;   // unix seconds; set only on tombstones
   // Bumped by every write to the key (config, rotate); lets caches detect staleness.
   int64_t generation = 1;
+  // Transit options (schema 3).
+  bool derived = false;
+  bool convergent = false;
+  int key_size = 0;                 // hmac keys: bytes of material
+  int64_t auto_rotate_period = 0;   // seconds; 0 = off
+  int min_available_version = 0;    // versions below it were trimmed
   std::map<int, VersionRecord> versions;  // version number -> record
 
   int latest_version() const { return versions.empty() ? 0 : versions.rbegin()->first; }
@@ -106,7 +119,8 @@ class MetadataStore {
                            const VersionRecord& version) = 0;
 
   // Writes the mutable metadata (min versions, deletion_allowed, exportable, description,
-  // expires_at, state, updated_at) of the live key (ns, name), bumping generation.
+  // expires_at, state, updated_at, auto_rotate_period) of the live key (ns, name), bumping
+  // generation.
   // out_of_range if there is no such live key.
   virtual void update_config(const KeyRecord& key) = 0;
 
@@ -116,11 +130,19 @@ class MetadataStore {
   // process dies right after. Returns those intents; out_of_range if no live key has the name.
   virtual std::vector<Intent> delete_key(const std::string& ns, const std::string& name) = 0;
 
-  // Every object_id referenced by any version of any live key (for the start-up sweep).
+  // Records a version's HMAC key (exactly one of hmac_object_id and hmac_sealed) and removes
+  // the object's intent, bumping generation. Returns false, changing nothing, if that version
+  // already has one (another writer won); out_of_range if the live key or version is absent.
+  virtual bool set_version_hmac(const std::string& ns, const std::string& name, int version,
+                                const std::string& hmac_object_id, const std::string& hmac_sealed) = 0;
+
+  // Every object_id referenced by any version of any live key (for the start-up sweep),
+  // HMAC key objects included.
   virtual std::vector<std::string> all_object_ids() = 0;
 
-  // Every version of every live key that lives in a token object (object_id set), for the
-  // start-up check that each has its object.
+  // Every version of every live key that lives in a token object (object_id set), and every
+  // version's HMAC key object (a second entry for that version), for the start-up check that
+  // each has its object.
   struct VersionRef {
     std::string ns, name;
     int version = 0;

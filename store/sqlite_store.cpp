@@ -131,6 +131,21 @@ ALTER TABLE key_versions_new RENAME TO key_versions;
 CREATE UNIQUE INDEX keys_live_name ON keys (ns, name) WHERE deleted_at = 0;
 CREATE INDEX keys_ns_created ON keys (ns, created_at);
 )sql",
+    // 3: transit's signing, HMAC, exportable and derived keys. Key options; per version the
+    // public key of an asymmetric key (PEM) and the HMAC key made on first use (a token object
+    // or, for exportable keys, sealed material; never both).
+    R"sql(
+ALTER TABLE keys ADD COLUMN derived INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN convergent INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN key_size INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN auto_rotate_period INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN min_available_version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE key_versions ADD COLUMN public_key TEXT;
+ALTER TABLE key_versions ADD COLUMN hmac_object_id TEXT;
+ALTER TABLE key_versions ADD COLUMN hmac_sealed TEXT;
+CREATE UNIQUE INDEX key_versions_hmac_object ON key_versions (hmac_object_id)
+  WHERE hmac_object_id IS NOT NULL;
+)sql",
 };
 
 constexpr int kLatestSchemaVersion = static_cast<int>(std::size(kMigrations));
@@ -308,7 +323,9 @@ std::string version_label(const std::string& ns, const std::string& name, int ve
   " k.id, k.uuid, k.ns, k.name, k.type, k.created_at, k.min_decryption_version,"             \
   " k.min_encryption_version, k.deletion_allowed, k.exportable, k.description, k.expires_at," \
   " k.state, k.imported, k.created_by, k.updated_at, k.deleted_at, k.generation,"            \
-  " v.version, v.uuid, v.object_id, v.sealed, v.created_at"                                  \
+  " v.version, v.uuid, v.object_id, v.sealed, v.created_at,"                                 \
+  " k.derived, k.convergent, k.key_size, k.auto_rotate_period, k.min_available_version,"      \
+  " v.public_key, v.hmac_object_id, v.hmac_sealed"                                            \
   " FROM keys k LEFT JOIN key_versions v ON v.key_id = k.id "
 
 // Reads the rows of a statement selecting P11KMS_KEY_COLUMNS into records. A new record starts
@@ -338,6 +355,11 @@ std::vector<KeyRecord> read_keys(Statement& q) {
       key.updated_at = q.int64(15);
       key.deleted_at = q.int64(16);
       key.generation = q.int64(17);
+      key.derived = q.boolean(23);
+      key.convergent = q.boolean(24);
+      key.key_size = q.int32(25);
+      key.auto_rotate_period = q.int64(26);
+      key.min_available_version = q.int32(27);
     }
     if (q.is_null(18)) continue;  // key without versions
     const int number = q.int32(18);
@@ -347,6 +369,9 @@ std::vector<KeyRecord> read_keys(Statement& q) {
     v.object_id = q.text(20);  // NULL reads as ""
     v.sealed = q.text(21);
     v.created_at = q.int64(22);
+    v.public_key = q.text(28);
+    v.hmac_object_id = q.text(29);
+    v.hmac_sealed = q.text(30);
   }
   return keys;
 }
@@ -472,8 +497,10 @@ class SqliteStore final : public MetadataStore {
       Statement q = conn_.prepare(
           "INSERT INTO keys (uuid, ns, name, type, created_at, min_decryption_version,"
           "                  min_encryption_version, deletion_allowed, exportable, generation,"
-          "                  description, expires_at, state, imported, created_by, updated_at)"
-          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+          "                  description, expires_at, state, imported, created_by, updated_at,"
+          "                  derived, convergent, key_size, auto_rotate_period, min_available_version)"
+          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,"
+          "         ?17, ?18, ?19, ?20, ?21)",
           "insert key");
       q.bind(1, key.id).bind(2, key.ns).bind(3, key.name).bind(4, key.type);
       q.bind(5, key.created_at).bind(6, key.min_decryption_version);
@@ -483,6 +510,8 @@ class SqliteStore final : public MetadataStore {
       q.bind(15, key.created_by);
       // A new key's metadata was last changed when it was made.
       q.bind(16, key.updated_at != 0 ? key.updated_at : key.created_at);
+      q.bind(17, key.derived).bind(18, key.convergent).bind(19, key.key_size);
+      q.bind(20, key.auto_rotate_period).bind(21, key.min_available_version);
       q.run();
     }
     int64_t key_id = sqlite3_last_insert_rowid(conn_.handle());
@@ -492,6 +521,7 @@ class SqliteStore final : public MetadataStore {
       check_version_id_unused(entry.second.id);
       insert_version(key_id, entry.second);
       if (!entry.second.object_id.empty()) delete_intent(entry.second.object_id);
+      if (!entry.second.hmac_object_id.empty()) delete_intent(entry.second.hmac_object_id);
     }
     tx.commit();
   }
@@ -518,6 +548,7 @@ class SqliteStore final : public MetadataStore {
     check_version_id_unused(version.id);
     insert_version(*key_id, version);
     if (!version.object_id.empty()) delete_intent(version.object_id);
+    if (!version.hmac_object_id.empty()) delete_intent(version.hmac_object_id);
     bump_generation(*key_id);
     tx.commit();
   }
@@ -530,13 +561,13 @@ class SqliteStore final : public MetadataStore {
         "UPDATE keys SET min_decryption_version = ?3, min_encryption_version = ?4,"
         "                deletion_allowed = ?5, exportable = ?6, description = ?7,"
         "                expires_at = ?8, state = ?9, updated_at = ?10,"
-        "                generation = generation + 1"
+        "                auto_rotate_period = ?11, generation = generation + 1"
         " WHERE ns = ?1 AND name = ?2 AND deleted_at = 0",
         "update key config");
     q.bind(1, key.ns).bind(2, key.name).bind(3, key.min_decryption_version);
     q.bind(4, key.min_encryption_version).bind(5, key.deletion_allowed).bind(6, key.exportable);
     q.bind(7, key.description).bind(8, key.expires_at).bind(9, key.state);
-    q.bind(10, key.updated_at);
+    q.bind(10, key.updated_at).bind(11, key.auto_rotate_period);
     q.run();
     if (sqlite3_changes(conn_.handle()) == 0) {
       throw std::out_of_range("key '" + key.name + "' not found in namespace '" + key.ns + "'");
@@ -555,17 +586,23 @@ class SqliteStore final : public MetadataStore {
     std::vector<Intent> intents;
     {
       Statement q = conn_.prepare(
-          "SELECT version, object_id FROM key_versions"
-          " WHERE key_id = ?1 AND object_id IS NOT NULL ORDER BY version",
+          "SELECT version, object_id, hmac_object_id FROM key_versions"
+          " WHERE key_id = ?1 AND (object_id IS NOT NULL OR hmac_object_id IS NOT NULL)"
+          " ORDER BY version",
           "read versions for delete");
       q.bind(1, *key_id);
-      while (q.step()) intents.push_back(Intent{q.text(1), version_label(ns, name, q.int32(0)), now});
+      while (q.step()) {
+        if (!q.is_null(1)) intents.push_back(Intent{q.text(1), version_label(ns, name, q.int32(0)), now});
+        if (!q.is_null(2))
+          intents.push_back(Intent{q.text(2), version_label(ns, name, q.int32(0)) + "/hmac", now});
+      }
     }
     for (const Intent& intent : intents) insert_intent(intent);
     {
       // The tombstone keeps ids, numbers and dates; the material (objects, sealed blobs) goes.
       Statement q = conn_.prepare(
-          "UPDATE key_versions SET object_id = NULL, sealed = NULL WHERE key_id = ?1",
+          "UPDATE key_versions SET object_id = NULL, sealed = NULL, hmac_object_id = NULL,"
+          "                        hmac_sealed = NULL WHERE key_id = ?1",
           "clear versions for delete");
       q.bind(1, *key_id);
       q.run();
@@ -602,8 +639,12 @@ class SqliteStore final : public MetadataStore {
   std::vector<std::string> all_object_ids() override {
     std::lock_guard<std::mutex> lock(mu_);
     Statement q = conn_.prepare(
-        "SELECT v.object_id FROM key_versions v JOIN keys k ON k.id = v.key_id"
-        " WHERE v.object_id IS NOT NULL AND k.deleted_at = 0 ORDER BY v.object_id",
+        "SELECT o FROM (SELECT v.object_id AS o FROM key_versions v JOIN keys k ON k.id = v.key_id"
+        "                WHERE k.deleted_at = 0"
+        "               UNION ALL"
+        "               SELECT v.hmac_object_id FROM key_versions v JOIN keys k ON k.id = v.key_id"
+        "                WHERE k.deleted_at = 0)"
+        " WHERE o IS NOT NULL ORDER BY o",
         "list object ids");
     std::vector<std::string> ids;
     while (q.step()) ids.push_back(q.text(0));
@@ -613,10 +654,13 @@ class SqliteStore final : public MetadataStore {
   std::vector<VersionRef> all_versions() override {
     std::lock_guard<std::mutex> lock(mu_);
     Statement q = conn_.prepare(
-        "SELECT k.ns, k.name, v.version, v.object_id"
-        "  FROM key_versions v JOIN keys k ON k.id = v.key_id"
-        " WHERE v.object_id IS NOT NULL AND k.deleted_at = 0"
-        " ORDER BY k.ns, k.name, v.version",
+        "SELECT ns, name, version, o FROM ("
+        "  SELECT k.ns, k.name, v.version, v.object_id AS o"
+        "    FROM key_versions v JOIN keys k ON k.id = v.key_id WHERE k.deleted_at = 0"
+        "  UNION ALL"
+        "  SELECT k.ns, k.name, v.version, v.hmac_object_id"
+        "    FROM key_versions v JOIN keys k ON k.id = v.key_id WHERE k.deleted_at = 0)"
+        " WHERE o IS NOT NULL ORDER BY ns, name, version, o",
         "list versions");
     std::vector<VersionRef> out;
     while (q.step()) {
@@ -628,6 +672,37 @@ class SqliteStore final : public MetadataStore {
       out.push_back(std::move(ref));
     }
     return out;
+  }
+
+  bool set_version_hmac(const std::string& ns, const std::string& name, int version,
+                        const std::string& hmac_object_id, const std::string& hmac_sealed) override {
+    if (hmac_object_id.empty() == hmac_sealed.empty())
+      throw std::invalid_argument("set_version_hmac: exactly one of hmac_object_id and hmac_sealed");
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    std::optional<int64_t> key_id = find_key(ns, name);
+    if (!key_id) throw std::out_of_range("key '" + name + "' not found in namespace '" + ns + "'");
+    {
+      Statement q = conn_.prepare(
+          "SELECT hmac_object_id IS NULL AND hmac_sealed IS NULL FROM key_versions"
+          " WHERE key_id = ?1 AND version = ?2",
+          "read version hmac key");
+      q.bind(1, *key_id).bind(2, version);
+      if (!q.step()) throw std::out_of_range("version " + std::to_string(version) + " of key '" + name + "' not found");
+      if (!q.boolean(0)) return false;
+    }
+    {
+      Statement q = conn_.prepare(
+          "UPDATE key_versions SET hmac_object_id = ?3, hmac_sealed = ?4 WHERE key_id = ?1 AND version = ?2",
+          "write version hmac key");
+      q.bind(1, *key_id).bind(2, version);
+      q.bind_text_or_null(3, hmac_object_id).bind_text_or_null(4, hmac_sealed);
+      q.run();
+    }
+    if (!hmac_object_id.empty()) delete_intent(hmac_object_id);
+    bump_generation(*key_id);
+    tx.commit();
+    return true;
   }
 
   std::optional<std::string> get_setting(const std::string& name) override {
@@ -757,11 +832,13 @@ class SqliteStore final : public MetadataStore {
 
   void insert_version(int64_t key_id, const VersionRecord& v) {
     Statement q = conn_.prepare(
-        "INSERT INTO key_versions (key_id, version, uuid, object_id, sealed, created_at)"
-        " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO key_versions (key_id, version, uuid, object_id, sealed, created_at,"
+        "                          public_key, hmac_object_id, hmac_sealed)"
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         "insert key version");
     q.bind(1, key_id).bind(2, v.version).bind(3, v.id);
     q.bind_text_or_null(4, v.object_id).bind_text_or_null(5, v.sealed).bind(6, v.created_at);
+    q.bind_text_or_null(7, v.public_key).bind_text_or_null(8, v.hmac_object_id).bind_text_or_null(9, v.hmac_sealed);
     q.run();
   }
 

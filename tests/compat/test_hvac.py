@@ -357,3 +357,368 @@ def _any_keys(transit):
         return True
     except hvac_exc.InvalidPath:
         return False
+
+
+# -- signing (asymmetric keys in the token) ---------------------------------------------------
+
+from cryptography.exceptions import InvalidSignature  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils  # noqa: E402
+
+CRYPTO_HASHES = {"sha2-224": hashes.SHA224, "sha2-256": hashes.SHA256,
+                 "sha2-384": hashes.SHA384, "sha2-512": hashes.SHA512}
+SIG_RE = re.compile(r"^vault:v(\d+):([A-Za-z0-9+/_=-]+)$")
+
+
+def sig_bytes(sig, urlsafe=False):
+    m = SIG_RE.match(sig)
+    assert m, "not a vault:v<N>: signature: %r" % sig
+    payload = m.group(2)
+    if urlsafe:
+        assert "=" not in payload and "+" not in payload and "/" not in payload, payload
+        return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    return base64.b64decode(payload, validate=True)
+
+
+def public_key(transit, name, version=1):
+    info = transit.read_key(name=name)["data"]
+    entry = info["keys"][str(version)]
+    assert set(entry) >= {"public_key", "creation_time", "name"}, entry
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$", entry["creation_time"]), entry
+    return serialization.load_pem_public_key(entry["public_key"].encode())
+
+
+@pytest.fixture(scope="module")
+def signing_keys(transit):
+    keys = {}
+    for kt in ("ecdsa-p256", "ecdsa-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096"):
+        keys[kt] = new_key(transit, key_type=kt)
+    return keys
+
+
+@pytest.mark.parametrize("kt", ["ecdsa-p256", "ecdsa-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096"])
+def test_read_asymmetric_key_shape(transit, signing_keys, kt):
+    info = transit.read_key(name=signing_keys[kt])["data"]
+    assert info["type"] == kt
+    assert info["supports_signing"] is True
+    assert info["supports_encryption"] is False and info["supports_decryption"] is False
+    assert info["exportable"] is False and info["derived"] is False
+    assert info["convergent_encryption"] is False and info["auto_rotate_period"] == 0
+    assert info["latest_version"] == 1
+    pub = public_key(transit, signing_keys[kt])
+    expected = {"ecdsa-p256": ec.EllipticCurvePublicKey, "ecdsa-p384": ec.EllipticCurvePublicKey,
+                "ed25519": ed25519.Ed25519PublicKey}.get(kt, rsa.RSAPublicKey)
+    assert isinstance(pub, expected)
+    if kt.startswith("rsa"):
+        assert pub.key_size == int(kt.split("-")[1])
+    if kt.startswith("ecdsa"):
+        assert pub.curve.name == {"ecdsa-p256": "secp256r1", "ecdsa-p384": "secp384r1"}[kt]
+        assert info["keys"]["1"]["name"] == {"ecdsa-p256": "P-256", "ecdsa-p384": "P-384"}[kt]
+
+
+@pytest.mark.parametrize("algo", sorted(CRYPTO_HASHES))
+@pytest.mark.parametrize("kt", ["ecdsa-p256", "ecdsa-p384"])
+def test_sign_ecdsa_asn1_and_jws_verify_with_cryptography(transit, signing_keys, kt, algo):
+    name = signing_keys[kt]
+    data = b"ecdsa input " + algo.encode()
+    pub = public_key(transit, name)
+    sig = transit.sign_data(name=name, hash_input=b64(data), hash_algorithm=algo)["data"]["signature"]
+    pub.verify(sig_bytes(sig), data, ec.ECDSA(CRYPTO_HASHES[algo]()))
+    assert transit.verify_signed_data(name=name, hash_input=b64(data), signature=sig,
+                                      hash_algorithm=algo)["data"]["valid"] is True
+    # jws: r || s, base64url without padding
+    jws = transit.sign_data(name=name, hash_input=b64(data), hash_algorithm=algo,
+                            marshaling_algorithm="jws")["data"]["signature"]
+    raw = sig_bytes(jws, urlsafe=True)
+    half = len(raw) // 2
+    assert half == (48 if kt == "ecdsa-p384" else 32)
+    der = utils.encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+    pub.verify(der, data, ec.ECDSA(CRYPTO_HASHES[algo]()))
+    assert transit.verify_signed_data(name=name, hash_input=b64(data), signature=jws, hash_algorithm=algo,
+                                      marshaling_algorithm="jws")["data"]["valid"] is True
+    # an asn1 signature checked as jws never verifies: it is refused (not base64url) or invalid
+    try:
+        valid = transit.verify_signed_data(name=name, hash_input=b64(data), signature=sig,
+                                           hash_algorithm=algo, marshaling_algorithm="jws")["data"]["valid"]
+    except hvac_exc.InvalidRequest:
+        valid = None
+    assert valid is not True
+
+
+def test_sign_ecdsa_prehashed_and_url_algorithm(client, transit, signing_keys):
+    name = signing_keys["ecdsa-p256"]
+    data = b"prehash me"
+    digest = hashlib.sha384(data).digest()
+    sig = transit.sign_data(name=name, hash_input=b64(digest), hash_algorithm="sha2-384",
+                            prehashed=True)["data"]["signature"]
+    public_key(transit, name).verify(sig_bytes(sig), digest, ec.ECDSA(utils.Prehashed(hashes.SHA384())))
+    # the algorithm in the URL, as Vault's /sign/:name/:hash_algorithm
+    sig2 = client.write("transit/sign/%s/sha2-512" % name, input=b64(data))["data"]["signature"]
+    public_key(transit, name).verify(sig_bytes(sig2), data, ec.ECDSA(hashes.SHA512()))
+    # a digest of the wrong size is refused
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.sign_data(name=name, hash_input=b64(b"short"), hash_algorithm="sha2-256", prehashed=True)
+    assert "prehashed" in str(ei.value)
+
+
+def test_sign_ed25519(transit, signing_keys):
+    name = signing_keys["ed25519"]
+    data = b"ed25519 message \x00\xff"
+    sig = transit.sign_data(name=name, hash_input=b64(data))["data"]["signature"]
+    raw = sig_bytes(sig)
+    assert len(raw) == 64
+    public_key(transit, name).verify(raw, data)
+    assert transit.verify_signed_data(name=name, hash_input=b64(data), signature=sig)["data"]["valid"] is True
+    assert transit.verify_signed_data(name=name, hash_input=b64(data + b"!"), signature=sig)["data"]["valid"] is False
+
+
+@pytest.mark.parametrize("sigalg", ["pss", "pkcs1v15"])
+@pytest.mark.parametrize("algo", sorted(CRYPTO_HASHES))
+def test_sign_rsa_pss_and_pkcs1v15(transit, signing_keys, sigalg, algo):
+    name = signing_keys["rsa-2048"]
+    data = b"rsa input " + sigalg.encode()
+    sig = transit.sign_data(name=name, hash_input=b64(data), hash_algorithm=algo,
+                            signature_algorithm=sigalg)["data"]["signature"]
+    raw = sig_bytes(sig)
+    assert len(raw) == 256
+    h = CRYPTO_HASHES[algo]()
+    pad = (padding.PSS(mgf=padding.MGF1(CRYPTO_HASHES[algo]()), salt_length=padding.PSS.MAX_LENGTH)
+           if sigalg == "pss" else padding.PKCS1v15())
+    public_key(transit, name).verify(raw, data, pad, h)
+    assert transit.verify_signed_data(name=name, hash_input=b64(data), signature=sig, hash_algorithm=algo,
+                                      signature_algorithm=sigalg)["data"]["valid"] is True
+    other = "pkcs1v15" if sigalg == "pss" else "pss"
+    assert transit.verify_signed_data(name=name, hash_input=b64(data), signature=sig, hash_algorithm=algo,
+                                      signature_algorithm=other)["data"]["valid"] is False
+
+
+@pytest.mark.parametrize("kt", ["rsa-3072", "rsa-4096"])
+def test_sign_rsa_larger_keys_default_is_pss(transit, signing_keys, kt):
+    name = signing_keys[kt]
+    sig = transit.sign_data(name=name, hash_input=b64("big"))["data"]["signature"]
+    raw = sig_bytes(sig)
+    assert len(raw) == int(kt.split("-")[1]) // 8
+    public_key(transit, name).verify(raw, b"big", padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                                                              salt_length=padding.PSS.MAX_LENGTH), hashes.SHA256())
+
+
+def test_sign_rsa_prehashed_and_salt_length(client, transit, signing_keys):
+    name = signing_keys["rsa-2048"]
+    digest = hashlib.sha256(b"pre").digest()
+    sig = transit.sign_data(name=name, hash_input=b64(digest), prehashed=True,
+                            signature_algorithm="pkcs1v15")["data"]["signature"]
+    public_key(transit, name).verify(sig_bytes(sig), digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    r = client.write("transit/sign/" + name, input=b64("salted"), salt_length="hash")
+    public_key(transit, name).verify(sig_bytes(r["data"]["signature"]), b"salted",
+                                     padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256())
+    assert client.write("transit/verify/" + name, input=b64("salted"), salt_length="hash",
+                        signature=r["data"]["signature"])["data"]["valid"] is True
+
+
+def test_sign_with_key_version_and_verify_refuses_old_versions(transit):
+    name = new_key(transit, key_type="ecdsa-p256")
+    transit.rotate_key(name=name)
+    transit.rotate_key(name=name)
+    info = transit.read_key(name=name)["data"]
+    assert sorted(info["keys"], key=int) == ["1", "2", "3"]
+    assert len({info["keys"][v]["public_key"] for v in info["keys"]}) == 3
+    sig1 = transit.sign_data(name=name, hash_input=b64("v1"), key_version=1)["data"]["signature"]
+    assert sig1.startswith("vault:v1:")
+    public_key(transit, name, 1).verify(sig_bytes(sig1), b"v1", ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(InvalidSignature):
+        public_key(transit, name, 2).verify(sig_bytes(sig1), b"v1", ec.ECDSA(hashes.SHA256()))
+    assert transit.sign_data(name=name, hash_input=b64("x"))["data"]["signature"].startswith("vault:v3:")
+    assert transit.verify_signed_data(name=name, hash_input=b64("v1"), signature=sig1)["data"]["valid"] is True
+    transit.update_key_configuration(name=name, min_decryption_version=2)
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.verify_signed_data(name=name, hash_input=b64("v1"), signature=sig1)
+    assert "min_decryption_version" in str(ei.value)
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.verify_signed_data(name=name, hash_input=b64("v1"), signature="vault:v9:" + sig1.split(":")[2])
+
+
+def test_verify_tampered_and_undecodable_signatures(transit, signing_keys):
+    name = signing_keys["ecdsa-p256"]
+    sig = transit.sign_data(name=name, hash_input=b64("orig"))["data"]["signature"]
+    raw = bytearray(sig_bytes(sig))
+    raw[-1] ^= 1
+    tampered = "vault:v1:" + base64.b64encode(bytes(raw)).decode()
+    assert transit.verify_signed_data(name=name, hash_input=b64("orig"), signature=tampered)["data"]["valid"] is False
+    for bad in ("vault:v1:***", "not-a-signature", "vault:vX:AAAA"):
+        with pytest.raises(hvac_exc.InvalidRequest):
+            transit.verify_signed_data(name=name, hash_input=b64("orig"), signature=bad)
+
+
+def test_sign_and_verify_batch(client, signing_keys):
+    name = signing_keys["ecdsa-p256"]
+    items = [{"input": b64("a"), "reference": "r1"}, {"input": b64("b"), "reference": "r2"}]
+    out = client.write("transit/sign/" + name, batch_input=items)["data"]["batch_results"]
+    assert [o["reference"] for o in out] == ["r1", "r2"]
+    assert all(o["signature"].startswith("vault:v1:") for o in out)
+    checks = [{"input": b64("a"), "signature": out[0]["signature"]},
+              {"input": b64("a"), "signature": out[1]["signature"]}]
+    res = client.write("transit/verify/" + name, batch_input=checks)["data"]["batch_results"]
+    assert [r["valid"] for r in res] == [True, False]
+
+
+def test_wrong_key_type_for_the_operation_is_a_400(transit, signing_keys):
+    aes = new_key(transit)
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.sign_data(name=aes, hash_input=b64("x"))
+    assert "signing" in str(ei.value)
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.encrypt_data(name=signing_keys["ed25519"], plaintext=b64("x"))
+    assert "encryption" in str(ei.value)
+    # RSA-PSS with SHA-3: the module's PSS has no SHA-3 (hvac's own list stops at sha2-*)
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit._adapter.post("/v1/transit/sign/%s" % signing_keys["rsa-2048"],
+                             json={"input": b64("x"), "hash_algorithm": "sha3-256"})
+    assert "sha3-256" in str(ei.value)
+
+
+def test_upsert_with_a_type_that_cannot_encrypt_creates_nothing(transit):
+    name = unique_name("upsert-ec")
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit._adapter.post("/v1/transit/encrypt/" + name, json={"plaintext": b64("x"), "type": "ecdsa-p256"})
+    with pytest.raises(hvac_exc.InvalidPath):
+        transit.read_key(name=name)
+
+
+# -- hmac --------------------------------------------------------------------------------------
+
+HMAC_ALGOS = {"sha2-224": hashlib.sha224, "sha2-256": hashlib.sha256,
+              "sha2-384": hashlib.sha384, "sha2-512": hashlib.sha512}
+
+
+@pytest.mark.parametrize("kt", ["aes256-gcm96", "ecdsa-p256", "hmac"])
+def test_generate_hmac_and_verify(transit, client, kt):
+    name = unique_name("hmac")
+    client.write("transit/keys/" + name, type=kt)
+    for algo in HMAC_ALGOS:
+        mac = transit.generate_hmac(name=name, hash_input=b64("hmac me"), algorithm=algo)["data"]["hmac"]
+        assert mac.startswith("vault:v1:")
+        assert len(sig_bytes(mac)) == HMAC_ALGOS[algo]().digest_size
+        assert transit.verify_signed_data(name=name, hash_input=b64("hmac me"), hmac=mac,
+                                          hash_algorithm=algo)["data"]["valid"] is True
+        assert transit.verify_signed_data(name=name, hash_input=b64("hmac me!"), hmac=mac,
+                                          hash_algorithm=algo)["data"]["valid"] is False
+    # same key version, same input: same HMAC; the URL form agrees with the body form
+    a = transit.generate_hmac(name=name, hash_input=b64("x"))["data"]["hmac"]
+    b = client.write("transit/hmac/%s/sha2-256" % name, input=b64("x"))["data"]["hmac"]
+    assert a == b
+    transit.rotate_key(name=name)
+    c = transit.generate_hmac(name=name, hash_input=b64("x"))["data"]["hmac"]
+    assert c.startswith("vault:v2:") and sig_bytes(c) != sig_bytes(a)
+    assert transit.generate_hmac(name=name, hash_input=b64("x"), key_version=1)["data"]["hmac"] == a
+    assert transit.verify_signed_data(name=name, hash_input=b64("x"), hmac=a)["data"]["valid"] is True
+    transit.update_key_configuration(name=name, min_decryption_version=2)
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.verify_signed_data(name=name, hash_input=b64("x"), hmac=a)
+
+
+def test_hmac_batch_and_bad_algorithm(client, transit):
+    name = new_key(transit)
+    out = client.write("transit/hmac/" + name, batch_input=[{"input": b64("1")}, {"input": b64("2")}])
+    res = out["data"]["batch_results"]
+    assert len(res) == 2 and res[0]["hmac"] != res[1]["hmac"]
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        client.write("transit/hmac/" + name, input=b64("1"), algorithm="md5")
+    assert "md5" in str(ei.value)
+
+
+def test_hmac_key_size(client, transit):
+    name = unique_name("hmac-size")
+    client.write("transit/keys/" + name, type="hmac", key_size=64)
+    assert transit.read_key(name=name)["data"]["key_size"] == 64
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        client.write("transit/keys/" + unique_name("hmac-size"), type="hmac", key_size=8)
+    assert "key_size" in str(ei.value)
+
+
+# -- export ------------------------------------------------------------------------------------
+
+def test_export_refused_for_non_exportable_keys(transit, signing_keys):
+    name = new_key(transit)
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.export_key(name=name, key_type="encryption-key")
+    assert "exportable" in str(ei.value)
+    # and it cannot be made exportable afterwards (custody); it stays non-exportable
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.update_key_configuration(name=name, exportable=True)
+    assert "exportable" in str(ei.value)
+    assert transit.read_key(name=name)["data"]["exportable"] is False
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.export_key(name=signing_keys["ecdsa-p256"], key_type="signing-key")
+
+
+def test_export_aes_key_decrypts_ciphertexts(transit):
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    name = new_key(transit, exportable=True)
+    transit.rotate_key(name=name)
+    info = transit.read_key(name=name)["data"]
+    assert info["exportable"] is True
+    ct = transit.encrypt_data(name=name, plaintext=b64("exported secret"))["data"]["ciphertext"]
+    assert version_of(ct) == 2
+    keys = transit.export_key(name=name, key_type="encryption-key")["data"]["keys"]
+    assert sorted(keys) == ["1", "2"]
+    latest = transit.export_key(name=name, key_type="encryption-key", version="latest")["data"]["keys"]
+    assert latest == {"2": keys["2"]}
+    one = transit.export_key(name=name, key_type="encryption-key", version=1)["data"]["keys"]
+    assert one == {"1": keys["1"]}
+    blob = base64.b64decode(ct.split(":")[2])
+    assert AESGCM(base64.b64decode(keys["2"])).decrypt(blob[:12], blob[12:], None) == b"exported secret"
+    assert transit.decrypt_data(name=name, ciphertext=ct)["data"]["plaintext"] == b64("exported secret")
+    # setting exportable again is a no-op; turning it off is refused
+    transit.update_key_configuration(name=name, exportable=True)
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit._adapter.post("/v1/transit/keys/%s/config" % name, json={"exportable": False})
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.export_key(name=name, key_type="signing-key")
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.export_key(name=name, key_type="encryption-key", version=7)
+
+
+@pytest.mark.parametrize("kt", ["ecdsa-p256", "ecdsa-p384", "rsa-2048", "ed25519"])
+def test_export_signing_key_matches_public_key_and_signatures(transit, kt):
+    name = new_key(transit, key_type=kt, exportable=True)
+    pub = public_key(transit, name)
+    exported = transit.export_key(name=name, key_type="signing-key", version=1)["data"]
+    assert exported["name"] == name and exported["type"] == kt
+    value = exported["keys"]["1"]
+    if kt == "ed25519":
+        both = base64.b64decode(value)
+        assert len(both) == 64
+        priv = ed25519.Ed25519PrivateKey.from_private_bytes(both[:32])
+        raw_pub = priv.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        assert raw_pub == both[32:]
+    else:
+        assert value.startswith("-----BEGIN EC PRIVATE KEY-----" if kt.startswith("ecdsa")
+                                else "-----BEGIN RSA PRIVATE KEY-----"), value[:40]
+        priv = serialization.load_pem_private_key(value.encode(), password=None)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    assert priv.public_key().public_bytes(der, spki) == pub.public_bytes(der, spki)
+    # the token signs with the same (session-loaded) key: the public key checks it
+    sig = sig_bytes(transit.sign_data(name=name, hash_input=b64("exportable signs"))["data"]["signature"])
+    if kt == "ed25519":
+        pub.verify(sig, b"exportable signs")
+    elif kt.startswith("ecdsa"):
+        pub.verify(sig, b"exportable signs", ec.ECDSA(hashes.SHA256()))
+    else:
+        pub.verify(sig, b"exportable signs", padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                                                         salt_length=padding.PSS.MAX_LENGTH), hashes.SHA256())
+
+
+@pytest.mark.parametrize("kt", ["aes256-gcm96", "ecdsa-p256", "hmac"])
+def test_export_hmac_key_computes_the_same_hmac(client, transit, kt):
+    import hmac as pyhmac
+    name = unique_name("exp-hmac")
+    client.write("transit/keys/" + name, type=kt, exportable=True)
+    mac = transit.generate_hmac(name=name, hash_input=b64("data"), algorithm="sha2-512")["data"]["hmac"]
+    keys = transit.export_key(name=name, key_type="hmac-key")["data"]["keys"]
+    key = base64.b64decode(keys["1"])
+    assert len(key) == 32
+    assert pyhmac.new(key, b"data", hashlib.sha512).digest() == sig_bytes(mac)
+    if kt != "aes256-gcm96":
+        with pytest.raises(hvac_exc.InvalidRequest):
+            transit.export_key(name=name, key_type="encryption-key")

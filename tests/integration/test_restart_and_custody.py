@@ -17,7 +17,7 @@ import p11kms_testlib as tl  # noqa: E402
 from p11kms_testlib import b64, unb64, describe, unique_name  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
-VERSION_LABEL_RE = re.compile(r"^p11kms/root/([A-Za-z0-9._-]+)/v([0-9]+)$")
+VERSION_LABEL_RE = re.compile(r"^p11kms/root/([A-Za-z0-9._-]+)/v([0-9]+)(/hmac)?$")
 
 
 # -- small HTTP helpers ----------------------------------------------------------------------
@@ -308,6 +308,42 @@ def _custody_scenario(srv):
     assert unb64(kms(srv, "POST", "/%s?action=unwrap" % kimp, {"ciphertext": wrapped_imp})["plaintext"]) \
         == unb64(generated["plaintext"])
 
+    # Transit signing and HMAC keys: key pairs and generic secrets in the token; an HMAC on an
+    # AES key makes that version's HMAC key object (label .../v1/hmac). Exportable keys stay
+    # sealed in the store: what export returns must appear nowhere in the store or the log.
+    kec, ked, krsa, khm, kexp_ec, kexp_aes = (unique_name(p) for p in ("cec", "ced", "crsa", "chm", "cxec", "cxaes"))
+    create(srv, kec, "ecdsa-p384")
+    create(srv, ked, "ed25519")
+    create(srv, krsa, "rsa-2048")
+    call(srv, "POST", "/v1/transit/keys/" + khm, {"type": "hmac", "key_size": 48})
+    rotate(srv, kec)
+    types.update({kec: "ecdsa-p384", ked: "ed25519", krsa: "rsa-2048", khm: "hmac",
+                  kexp_ec: "ecdsa-p256", kexp_aes: "aes256-gcm96"})
+    for name in (kec, ked, krsa):
+        sig = call(srv, "POST", "/v1/transit/sign/" + name, {"input": b64("custody")})["signature"]
+        assert call(srv, "POST", "/v1/transit/verify/" + name,
+                    {"input": b64("custody"), "signature": sig})["valid"] is True
+    for name in (khm, k256):
+        mac = call(srv, "POST", "/v1/transit/hmac/" + name, {"input": b64("custody")})["hmac"]
+        assert call(srv, "POST", "/v1/transit/verify/" + name,
+                    {"input": b64("custody"), "hmac": mac})["valid"] is True
+    call(srv, "POST", "/v1/transit/keys/" + kexp_ec, {"type": "ecdsa-p256", "exportable": True})
+    call(srv, "POST", "/v1/transit/keys/" + kexp_aes, {"exportable": True})
+    call(srv, "POST", "/v1/transit/sign/" + kexp_ec, {"input": b64("x")})
+    call(srv, "POST", "/v1/transit/hmac/" + kexp_aes, {"input": b64("x")})
+    exp_ct = encrypt(srv, kexp_aes, b"exportable")["ciphertext"]
+    assert decrypt(srv, kexp_aes, exp_ct) == b"exportable"
+    pem = call(srv, "GET", "/v1/transit/export/signing-key/%s/1" % kexp_ec)["keys"]["1"]
+    from cryptography.hazmat.primitives import serialization
+    priv = serialization.load_pem_private_key(pem.encode(), password=None)
+    d = priv.private_numbers().private_value.to_bytes(32, "big")
+    aes = unb64(call(srv, "GET", "/v1/transit/export/encryption-key/%s/latest" % kexp_aes)["keys"]["1"])
+    hk = unb64(call(srv, "GET", "/v1/transit/export/hmac-key/%s/1" % kexp_aes)["keys"]["1"])
+    secrets += [("exported EC private scalar", d), ("exported AES key", aes), ("exported HMAC key", hk),
+                ("exported PEM body", pem.encode().split(b"\n")[1])]
+    r = srv.request("GET", "/v1/transit/export/encryption-key/" + k256)
+    assert r.status_code == 400, describe(r)
+
     configure(srv, kgone, deletion_allowed=True)
     r = srv.request("DELETE", "/v1/transit/keys/" + kgone)
     assert r.status_code == 204, describe(r)
@@ -318,15 +354,19 @@ def _custody_scenario(srv):
 
     live = sorted(list_keys(srv))
     assert kgone not in live
-    assert set(live) == {k128, k256, krot, kroot, kimp, kstd}, live
+    assert set(live) == {k128, k256, krot, kroot, kimp, kstd, kec, ked, krsa, khm, kexp_ec, kexp_aes}, live
     expected = set()
     for name in live:
         info = read(srv, name)
         assert info["type"] == types[name]
-        if info["type"] != "standard":   # standard keys are sealed in the store, not token objects
-            expected |= {(name, v) for v in range(1, info["latest_version"] + 1)}
-    assert expected == {(k128, 1), (k128, 2), (k256, 1), (krot, 1), (krot, 2), (krot, 3),
-                        (kroot, 1), (kroot, 2), (kimp, 1)}
+        # standard and exportable keys are sealed in the store, not token objects
+        if info["type"] != "standard" and not info["exportable"]:
+            expected |= {(name, v, False) for v in range(1, info["latest_version"] + 1)}
+    expected |= {(k256, 1, True)}   # the HMAC key made by /hmac on an AES key
+    assert expected == {(k128, 1, False), (k128, 2, False), (k256, 1, False), (krot, 1, False),
+                        (krot, 2, False), (krot, 3, False), (kroot, 1, False), (kroot, 2, False),
+                        (kimp, 1, False), (kec, 1, False), (kec, 2, False), (ked, 1, False),
+                        (krsa, 1, False), (khm, 1, False), (k256, 1, True)}
 
     # the store, while the server runs (recent writes sit in the WAL)
     assert_absent(secrets + [("root token", srv.token.encode())], store_bytes(srv.data_dir),
@@ -376,7 +416,7 @@ def _custody_scenario(srv):
         if not m:
             assert not label.startswith("p11kms/root/"), "odd key-version label %r" % label
             continue
-        key = (m.group(1), int(m.group(2)))
+        key = (m.group(1), int(m.group(2)), m.group(3) is not None)
         assert key not in versions, "two token objects labelled %r" % label
         versions[key] = o
     assert set(versions) == expected, (
@@ -384,15 +424,35 @@ def _custody_scenario(srv):
         % (sorted(set(versions) - expected), sorted(expected - set(versions))))
 
     ids = set()
-    for (name, v), o in sorted(versions.items()):
-        what = "p11kms/root/%s/v%d" % (name, v)
-        assert o["class"] == "CKO_SECRET_KEY", what
-        assert o["key_type"] == "CKK_AES", what
-        assert o["value_len"] == (16 if types[name] == "aes128-gcm96" else 32), \
-            "%s: CKA_VALUE_LEN %r for %s" % (what, o["value_len"], types[name])
-        assert o["CKA_ENCRYPT"] is True and o["CKA_DECRYPT"] is True, what
-        for attr in ("CKA_WRAP", "CKA_UNWRAP", "CKA_SIGN", "CKA_VERIFY", "CKA_DERIVE"):
-            assert o[attr] is False, "%s has %s true" % (what, attr)
+    for (name, v, is_hmac), o in sorted(versions.items()):
+        what = "p11kms/root/%s/v%d%s" % (name, v, "/hmac" if is_hmac else "")
+        kind = "hmac" if is_hmac else types[name]
+        if kind in ("ecdsa-p384", "ed25519", "rsa-2048"):
+            # a private key that can only sign; its public half is not kept on the token
+            assert o["class"] == "CKO_PRIVATE_KEY", what
+            assert o["key_type"] == {"ecdsa-p384": "CKK_EC", "ed25519": "CKK_EC_EDWARDS",
+                                     "rsa-2048": "CKK_RSA"}[kind], what
+            assert o["CKA_SIGN"] is True, what
+            for attr in ("CKA_DECRYPT", "CKA_UNWRAP", "CKA_DERIVE"):
+                assert o[attr] is False, "%s has %s true" % (what, attr)
+            if kind == "rsa-2048":
+                assert o["CKA_SIGN_RECOVER"] is False, what
+        elif kind == "hmac":
+            # a generic secret usable only for HMAC, at least 64 bytes (SoftHSM's minimum for sha2-512)
+            assert o["class"] == "CKO_SECRET_KEY", what
+            assert o["key_type"] == "CKK_GENERIC_SECRET", what
+            assert o["value_len"] >= 64, "%s: CKA_VALUE_LEN %r" % (what, o["value_len"])
+            assert o["CKA_SIGN"] is True and o["CKA_VERIFY"] is True, what
+            for attr in ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_WRAP", "CKA_UNWRAP", "CKA_DERIVE"):
+                assert o[attr] is False, "%s has %s true" % (what, attr)
+        else:
+            assert o["class"] == "CKO_SECRET_KEY", what
+            assert o["key_type"] == "CKK_AES", what
+            assert o["value_len"] == (16 if types[name] == "aes128-gcm96" else 32), \
+                "%s: CKA_VALUE_LEN %r for %s" % (what, o["value_len"], types[name])
+            assert o["CKA_ENCRYPT"] is True and o["CKA_DECRYPT"] is True, what
+            for attr in ("CKA_WRAP", "CKA_UNWRAP", "CKA_SIGN", "CKA_VERIFY", "CKA_DERIVE"):
+                assert o[attr] is False, "%s has %s true" % (what, attr)
         if name != kimp:   # an imported key's value came from outside, by definition
             assert o["CKA_ALWAYS_SENSITIVE"] is True, what + " was not always sensitive"
             assert o["CKA_NEVER_EXTRACTABLE"] is True, what + " was extractable at some point"
