@@ -27,6 +27,9 @@ struct ApiLimits {
   size_t max_json_depth = 64;
   size_t max_batch_items = 1000;
   std::optional<policy::RateLimit> rate_limit;  // per token; absent: no limit and no headers
+  // Shortest transit auto_rotate_period accepted: Vault's hour, 10 s in dev mode so rotation
+  // can be watched.
+  int64_t min_auto_rotate_period_s = 3600;
 };
 
 class ApiService {

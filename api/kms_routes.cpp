@@ -309,9 +309,7 @@ json policy_resources(const std::optional<keys::KeyService::RotationPolicy>& p) 
   if (p->period_s % kMonthSeconds != 0) rotation["interval_seconds"] = p->period_s;  // set through transit
   out.push_back({{"type", kPolicyType},
                  {"rotation", rotation},
-                 {"createdBy", p->updated_by},
-                 {"creationDate", timefmt::format_rfc3339(p->created_at)},
-                 {"updatedBy", p->updated_by},
+                 {"createdBy", p->created_by},
                  {"lastUpdateDate", timefmt::format_rfc3339(p->updated_at)}});
   return out;
 }
@@ -338,7 +336,7 @@ Reply put_policies(Context& ctx) {
       throw invalid("resources[0].rotation.interval_month must be an integer from 1 to 12", "bad_body");
     period = months->get<int64_t>() * kMonthSeconds;
   }
-  ctx.keys->set_rotation_policy(ref_of(k), period, ctx.token ? ctx.token->name : "");
+  ctx.keys->set_rotation_policy(ref_of(k), period);
   return Reply{200, kms::collection(kPolicyType, policy_resources(ctx.keys->rotation_policy(k.ns, k.id))), {}, true};
 }
 

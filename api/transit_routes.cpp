@@ -54,6 +54,45 @@ json key_info(const store::KeyRecord& k) {
   return info;
 }
 
+constexpr const char* kRotatePeriodHelp =
+    "Rotate automatically when the latest version is this old: seconds or a duration such as 24h or 1h30m "
+    "(units s, m, h, d); 0 turns it off; at least 1h (10s in dev mode).";
+
+// Vault's duration fields: an integer number of seconds, or numbers with units (s, m, h, d).
+std::optional<int64_t> parse_duration(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  if (text.find_first_not_of("0123456789") == std::string::npos)
+    return text.size() > 12 ? std::nullopt : std::optional<int64_t>(std::stoll(text));
+  int64_t total = 0;
+  size_t i = 0;
+  while (i < text.size()) {
+    size_t start = i;
+    while (i < text.size() && text[i] >= '0' && text[i] <= '9') ++i;
+    if (i == start || i == text.size() || i - start > 9) return std::nullopt;
+    int64_t n = std::stoll(text.substr(start, i - start));
+    switch (text[i++]) {
+      case 's': total += n; break;
+      case 'm': total += n * 60; break;
+      case 'h': total += n * 3600; break;
+      case 'd': total += n * 86400; break;
+      default: return std::nullopt;
+    }
+  }
+  return total;
+}
+
+// The request's auto_rotate_period in seconds, checked against the minimum; nullopt if absent.
+std::optional<int64_t> rotate_period_of(const Context& ctx) {
+  if (!ctx.fields.has("auto_rotate_period")) return std::nullopt;
+  auto period = parse_duration(ctx.fields.get_string("auto_rotate_period"));
+  if (!period)
+    throw invalid("auto_rotate_period must be a number of seconds or a duration such as 24h");
+  if (*period != 0 && *period < ctx.limits->min_auto_rotate_period_s)
+    throw invalid("auto_rotate_period must be 0 (off) or at least " + std::to_string(ctx.limits->min_auto_rotate_period_s) +
+                  " seconds");
+  return period;
+}
+
 keys::KeyRef key_ref(const Context& ctx) { return keys::KeyRef{ctx.ns, ctx.params.at("name")}; }
 
 int to_version(int64_t v, const char* field) {
@@ -242,16 +281,14 @@ void add_transit_routes(Router& router) {
                 "Exportable key: its material is kept sealed under the token's master key and loaded into "
                 "the token as non-extractable session objects to be used. Cannot be set later."},
                {"allow_plaintext_backup", FieldType::boolean, "Plaintext backup (not supported)."},
-               {"auto_rotate_period", FieldType::string, "Automatic rotation (not supported yet)."},
+               {"auto_rotate_period", FieldType::string, kRotatePeriodHelp},
                {"key_size", FieldType::integer, "Bytes of an hmac key: 16 to 512 (default 32); ignored for other types."},
                {"context", FieldType::string, "Derivation context (not supported yet)."}},
               "Create a key in the token; an existing key is left unchanged.",
               [](Context& ctx) {
                 auto& ks = *ctx.keys;
                 refuse_unsupported(ctx.fields, {"derived", "convergent_encryption", "allow_plaintext_backup"});
-                auto period = ctx.fields.get_string("auto_rotate_period");
-                if (!period.empty() && period != "0" && period != "0s")
-                  throw invalid("auto_rotate_period is not supported yet by p11kms");
+                auto period = rotate_period_of(ctx);
                 keys::KeySpec spec;
                 spec.type = ctx.fields.get_string("type");
                 spec.created_by = ctx.token ? ctx.token->name : "";
@@ -263,6 +300,10 @@ void add_transit_routes(Router& router) {
                   spec.key_size = static_cast<int>(size);
                 }
                 auto result = ks.create_key(key_ref(ctx), spec);
+                if (result.created && period && *period > 0) {
+                  ks.set_rotation_policy(key_ref(ctx), *period);
+                  result.key = ks.read_key(key_ref(ctx));
+                }
                 Reply r{200, key_info(result.key)};
                 if (!result.created) r.warnings.push_back("key " + result.key.name + " already existed");
                 return r;
@@ -301,14 +342,12 @@ void add_transit_routes(Router& router) {
                 "true only for a key created exportable (a non-exportable key exists only inside the token: 400); "
                 "false is refused once it is exportable."},
                {"allow_plaintext_backup", FieldType::boolean, "Plaintext backup (not supported)."},
-               {"auto_rotate_period", FieldType::string, "Automatic rotation (not supported yet)."}},
+               {"auto_rotate_period", FieldType::string, kRotatePeriodHelp}},
               "Configure min versions, deletion and exportability.",
               [](Context& ctx) {
                 auto& ks = *ctx.keys;
                 refuse_unsupported(ctx.fields, {"allow_plaintext_backup"});
-                auto period = ctx.fields.get_string("auto_rotate_period");
-                if (!period.empty() && period != "0" && period != "0s")
-                  throw invalid("auto_rotate_period is not supported yet by p11kms");
+                auto period = rotate_period_of(ctx);
                 keys::KeyConfigChange change;
                 const auto& f = ctx.fields;
                 if (f.has("min_decryption_version"))
@@ -317,6 +356,7 @@ void add_transit_routes(Router& router) {
                   change.min_encryption_version = static_cast<int>(std::clamp<int64_t>(f.get_int("min_encryption_version"), -1, std::numeric_limits<int>::max()));
                 if (f.has("deletion_allowed")) change.deletion_allowed = f.get_bool("deletion_allowed");
                 if (f.has("exportable")) change.exportable = f.get_bool("exportable");
+                if (period) change.auto_rotate_period = *period;
                 return Reply{200, key_info(ks.configure_key(key_ref(ctx), change))};
               }});
 

@@ -89,7 +89,9 @@ int run_server(const Config& config, const std::string& banner) {
   }
 
   policy::AccessControl access(std::make_shared<policy::AccessRules>(config.tokens, config.policies));
-  api::ApiService service(keys, access, config.limits, P11KMS_VERSION);
+  api::ApiLimits limits = config.limits;
+  if (config.source_file.empty()) limits.min_auto_rotate_period_s = 10;  // dev mode: rotation can be watched
+  api::ApiService service(keys, access, limits, P11KMS_VERSION);
   keys::MountRegistry mounts(*store, keys);
   service.set_mounts(&mounts);
   std::unique_ptr<audit::AuditLog> audit_log;

@@ -453,6 +453,14 @@ store::KeyRecord KeyService::configure_key(const KeyRef& ref, const KeyConfigCha
     std::lock_guard<std::mutex> lk(write_mu_);
     auto key = load_existing(ref);
     auto next = key->with_config(change);
+    if (change.auto_rotate_period && *change.auto_rotate_period > 0) {
+      // Only keys the token can renew alone rotate by themselves.
+      if (key->type() == KeyType::standard)
+        throw invalid("key \"" + ref.name + "\" is of type " + next.type + ", which is not rotated", "unsupported_operation");
+      if (next.imported)
+        throw invalid("key \"" + ref.name + "\" was imported: only new material can rotate it, so it cannot rotate "
+                      "itself", "unsupported_operation");
+    }
     next.updated_at = now_seconds();
     store_.update_config(next);
     invalidate(ref);
@@ -541,7 +549,6 @@ store::KeyRecord KeyService::delete_key(const KeyRef& ref, bool require_deletion
                     "deletion_not_allowed");
     auto intents = store_.delete_key(ref.ns, ref.name);
     drop_aliases_of(ref.ns, key->record().id);
-    drop_rotation_policy(ref.ns, key->record().id);
     invalidate(ref);
     destroy_for_intents(intents);
     log::info("keys: deleted key " + ref.ns + "/" + ref.name);

@@ -146,17 +146,17 @@ class KeyService {
   void remove_alias(const KeyRef& ref, const std::string& alias);
   std::vector<Alias> aliases_of(const std::string& ns, const std::string& key_id);
 
-  // Automatic rotation (Key Protect's rotation policy; Transit's auto_rotate_period): a key
-  // whose latest version is older than its period is rotated by rotate_due(), which the
-  // server calls periodically (key_rotation.cpp).
+  // Automatic rotation (Transit's auto_rotate_period; Key Protect's rotation policy): the
+  // key's period, in the store; rotate_due(), called periodically by the server, rotates every
+  // active key whose latest version is older than its period (key_rotation.cpp).
   struct RotationPolicy {
     int64_t period_s = 0;
-    std::string updated_by;
-    int64_t created_at = 0, updated_at = 0;
+    std::string created_by;  // the key's creator (policies keep no author of their own)
+    int64_t updated_at = 0;  // the key's last metadata change
   };
   // period_s 0 removes the policy. 400 for keys the token cannot rotate alone (imported,
   // standard).
-  RotationPolicy set_rotation_policy(const KeyRef& ref, int64_t period_s, const std::string& updated_by);
+  RotationPolicy set_rotation_policy(const KeyRef& ref, int64_t period_s);
   std::optional<RotationPolicy> rotation_policy(const std::string& ns, const std::string& key_id);
   // Rotates every active key that is due at `now`; returns how many were rotated.
   size_t rotate_due(int64_t now);
@@ -219,7 +219,6 @@ class KeyService {
   std::shared_ptr<const Key> load_wrapping_key(const KeyRef& ref, KeyUse use);
   std::optional<std::string> alias_target(const std::string& ns, const std::string& alias);  // key id
   void drop_aliases_of(const std::string& ns, const std::string& key_id) noexcept;
-  void drop_rotation_policy(const std::string& ns, const std::string& key_id) noexcept;
   Wrapped wrap_with(const Key& key, const uint8_t* plaintext, size_t len, const std::vector<std::string>& aad);
   void invalidate(const KeyRef& ref);
   void require_aes_gcm() const;

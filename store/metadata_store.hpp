@@ -140,6 +140,10 @@ class MetadataStore {
   // HMAC key objects included.
   virtual std::vector<std::string> all_object_ids() = 0;
 
+  // Live keys with an auto_rotate_period whose latest version is at least that old at `now`
+  // (ns, name, id and the period filled in; no versions), for the rotation job.
+  virtual std::vector<KeyRecord> keys_due_for_rotation(int64_t now) = 0;
+
   // Every version of every live key that lives in a token object (object_id set), and every
   // version's HMAC key object (a second entry for that version), for the start-up check that
   // each has its object.

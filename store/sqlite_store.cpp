@@ -636,6 +636,28 @@ class SqliteStore final : public MetadataStore {
     return intents;
   }
 
+  std::vector<KeyRecord> keys_due_for_rotation(int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare(
+        "SELECT k.ns, k.name, k.uuid, k.auto_rotate_period"
+        "  FROM keys k JOIN (SELECT key_id, max(created_at) AS newest FROM key_versions GROUP BY key_id) v"
+        "    ON v.key_id = k.id"
+        " WHERE k.deleted_at = 0 AND k.auto_rotate_period > 0 AND v.newest + k.auto_rotate_period <= ?1"
+        " ORDER BY k.id",
+        "list keys due for rotation");
+    q.bind(1, now);
+    std::vector<KeyRecord> out;
+    while (q.step()) {
+      KeyRecord k;
+      k.ns = q.text(0);
+      k.name = q.text(1);
+      k.id = q.text(2);
+      k.auto_rotate_period = q.int64(3);
+      out.push_back(std::move(k));
+    }
+    return out;
+  }
+
   std::vector<std::string> all_object_ids() override {
     std::lock_guard<std::mutex> lock(mu_);
     Statement q = conn_.prepare(
