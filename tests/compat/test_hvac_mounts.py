@@ -284,6 +284,41 @@ def test_delete_key_on_the_mount(transit, mp):
         transit.delete_key(name=unique_name("missing"), mount_point=mp)
 
 
+@pytest.mark.parametrize("key_type", ["ecdsa-p256", "ed25519", "rsa-2048"])
+def test_sign_and_verify_on_the_mount(transit, mp, key_type):
+    from cryptography.hazmat.primitives import serialization
+    name = new_key(transit, mp, key_type=key_type)
+    data = b64(b"signed on a mounted engine")
+    sig = transit.sign_data(name=name, hash_input=data, mount_point=mp)["data"]["signature"]
+    assert sig.startswith("vault:v1:")
+    assert transit.verify_signed_data(name=name, hash_input=data, signature=sig, mount_point=mp)["data"]["valid"]
+    assert not transit.verify_signed_data(name=name, hash_input=b64(b"other"), signature=sig,
+                                          mount_point=mp)["data"]["valid"]
+    pem = transit.read_key(name=name, mount_point=mp)["data"]["keys"]["1"]["public_key"]
+    assert serialization.load_pem_public_key(pem.encode()) is not None
+    # The same name on transit/ is another key (or none): the signature does not verify there.
+    transit.create_key(name=name, key_type=key_type)
+    assert not transit.verify_signed_data(name=name, hash_input=data, signature=sig)["data"]["valid"]
+
+
+def test_hmac_on_the_mount(transit, mp):
+    name = new_key(transit, mp)
+    data = b64(b"mac me")
+    mac = transit.generate_hmac(name=name, hash_input=data, mount_point=mp)["data"]["hmac"]
+    assert mac.startswith("vault:v1:")
+    assert transit.verify_signed_data(name=name, hash_input=data, hmac=mac, mount_point=mp)["data"]["valid"]
+    transit.create_key(name=name)
+    assert transit.generate_hmac(name=name, hash_input=data)["data"]["hmac"] != mac
+
+
+def test_export_on_the_mount(transit, mp):
+    name = new_key(transit, mp, exportable=True)
+    keys = transit.export_key(name=name, key_type="encryption-key", mount_point=mp)["data"]["keys"]
+    assert len(unb64(keys["1"])) == 32
+    with pytest.raises(hvac_exc.InvalidPath):
+        transit.export_key(name=name, key_type="encryption-key")   # not on transit/
+
+
 # -- isolation -------------------------------------------------------------------------------
 
 def test_same_name_in_two_mounts_is_two_keys(transit, mp):
