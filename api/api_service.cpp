@@ -4,6 +4,9 @@
 #include <cstdio>
 #include <chrono>
 
+#include <openssl/crypto.h>
+#include <strings.h>
+
 #include "api/vault_shape.hpp"
 #include "common/encoding.hpp"
 #include "common/log.hpp"
@@ -48,6 +51,22 @@ std::string presented_token(const http::Request& r) {
       return a->substr(prefix.size());
   }
   return {};
+}
+
+// Confluent's HTTP Basic credentials: base64(<token name>:<token>) -> (name, token).
+std::optional<std::pair<std::string, std::string>> basic_credentials(const http::Request& r) {
+  auto a = r.header("Authorization");
+  const std::string prefix = "Basic ";
+  if (!a || a->size() <= prefix.size() || strncasecmp(a->c_str(), prefix.c_str(), prefix.size()) != 0) return std::nullopt;
+  auto decoded = encoding::base64_decode(a->substr(prefix.size()));
+  if (!decoded) return std::nullopt;
+  std::string text(decoded->begin(), decoded->end());
+  OPENSSL_cleanse(decoded->data(), decoded->size());
+  size_t colon = text.find(':');
+  if (colon == std::string::npos) return std::nullopt;
+  std::pair<std::string, std::string> out{text.substr(0, colon), text.substr(colon + 1)};
+  OPENSSL_cleanse(text.data(), text.size());
+  return out;
 }
 
 bool valid_namespace(const std::string& ns) {
@@ -171,6 +190,7 @@ ApiService::ApiService(keys::KeyService& keys, const policy::AccessControl& acce
     : keys_(keys), access_(access), limits_(limits) {
   dialects_.push_back(vault_dialect(version));
   dialects_.push_back(kms_dialect());
+  dialects_.push_back(byok_dialect());
   if (limits_.rate_limit) rate_limiter_ = std::make_unique<policy::RateLimiter>(*limits_.rate_limit);
 }
 
@@ -301,7 +321,16 @@ http::Response ApiService::handle_dialect(const Dialect& d, const http::Request&
     if (needs_auth) {
       // Authentication comes before routing, as in Vault: without a valid token nothing about
       // the route table is revealed.
-      token = rules->authenticator.authenticate(presented_token(request), now_seconds());
+      std::string presented = presented_token(request);
+      std::optional<std::string> basic_name;
+      if (d.basic_auth && presented.empty())
+        if (auto b = basic_credentials(request)) {
+          basic_name = std::move(b->first);
+          presented = std::move(b->second);
+        }
+      token = rules->authenticator.authenticate(presented, now_seconds());
+      if (token && basic_name && *basic_name != token->name) token = nullptr;  // the name must match too
+      if (!presented.empty()) OPENSSL_cleanse(presented.data(), presented.size());
       if (!token)
         return d.error(d.unauthenticated_status, "unauthorized",
                        d.unauthenticated_status == 401 ? "a valid token is required (Authorization: Bearer <token>)"
@@ -346,6 +375,7 @@ http::Response ApiService::handle_dialect(const Dialect& d, const http::Request&
     ctx.tenant = ns;
     ctx.ns = keyspace;
     ctx.mounts = mounts_;
+    ctx.byok = byok_;
     record.ns = ns;
     if (!valid_namespace(ns))
       return d.error(400, "invalid_namespace",

@@ -26,6 +26,9 @@ struct Dialect {
   bool vault_conventions = false;
   // Whether routes are selected by `?action=` (Key Protect).
   bool uses_actions = false;
+  // Confluent's HTTP Basic auth is accepted too: `Authorization: Basic base64(<token name>:<token>)`,
+  // the name matching the token's configured name.
+  bool basic_auth = false;
   http::Response (*render)(const Reply& reply, const std::string& request_id) = nullptr;
   http::Response (*error)(int status, const std::string& code, const std::string& message) = nullptr;
 
@@ -41,5 +44,6 @@ struct Dialect {
 // Context), so they can also be rendered as documentation without a token or a store.
 Dialect vault_dialect(const std::string& version);  // /v1/: transit, sys, auth
 Dialect kms_dialect();                              // /kms/api/v2/: Key Protect-style keys
+Dialect byok_dialect();                             // /byok/v1/: Confluent-style BYOK key registry
 
 }  // namespace p11kms::api

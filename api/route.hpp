@@ -18,6 +18,7 @@
 namespace p11kms::keys {
 class KeyService;
 class MountRegistry;
+class ByokRegistry;
 }
 
 namespace p11kms::api {
@@ -69,6 +70,7 @@ struct Context {
   std::string ns = "root";
   std::string tenant = "root";                // the namespace itself (X-Vault-Namespace)
   keys::MountRegistry* mounts = nullptr;
+  keys::ByokRegistry* byok = nullptr;  // the BYOK key registry (byok dialect); nullptr: none
   const policy::TokenEntry* token = nullptr;
   std::map<std::string, std::string> params;  // from the URL pattern
   FieldData fields;

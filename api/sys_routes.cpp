@@ -130,9 +130,10 @@ void add_sys_routes(Router& router, const std::string& version) {
                            {"version", version},
                            {"cluster_name", "p11kms"},
                            {"hsm", hsm},
-                           {"store", {{"missing_objects", missing}}}};
+                           {"store", {{"reachable", h.store_reachable}, {"missing_objects", missing}}}};
+                 if (!h.store_reachable) body["store"]["error"] = h.store_error;
                  // Vault answers 503 while sealed; here "sealed" means the token does not answer.
-                 return Reply{h.token.reachable ? 200 : 503, body, {}, true};
+                 return Reply{h.token.reachable && h.store_reachable ? 200 : 503, body, {}, true};
                }};
   health.authenticated = false;
   router.add(health);

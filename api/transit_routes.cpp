@@ -36,11 +36,11 @@ json key_info(const store::KeyRecord& k) {
               {"type", k.type},
               {"keys", versions},
               {"latest_version", k.latest_version()},
-              {"min_available_version", 0},
+              {"min_available_version", k.min_available_version},
               {"min_decryption_version", k.min_decryption_version},
               {"min_encryption_version", k.min_encryption_version},
               {"deletion_allowed", k.deletion_allowed},
-              {"derived", false},
+              {"derived", k.derived},
               {"exportable", k.exportable},
               {"allow_plaintext_backup", false},
               {"supports_encryption", aes},
@@ -49,8 +49,10 @@ json key_info(const store::KeyRecord& k) {
               {"supports_signing", asymmetric},
               {"imported_key", k.imported},
               {"auto_rotate_period", k.auto_rotate_period},
-              {"convergent_encryption", false}};
+              {"convergent_encryption", k.convergent}};
   if (type == keys::KeyType::hmac) info["key_size"] = k.key_size;
+  // Vault names its KDF here; p11kms derives in the token with AES-ECB over a hash of the context.
+  if (k.derived) info["kdf"] = "pkcs11_aes_ecb_encrypt_data";
   return info;
 }
 
@@ -113,8 +115,8 @@ const std::vector<Field>& item_fields() {
       {"ciphertext", FieldType::string, "Ciphertext in the vault:v<N>:<base64> form."},
       {"key_version", FieldType::integer, "Key version to encrypt with; 0 or absent means the latest."},
       {"associated_data", FieldType::string, "Base64 associated data bound into AES-GCM."},
-      {"context", FieldType::string, "Derivation context (derived keys are not supported yet)."},
-      {"nonce", FieldType::string, "Nonce for convergent encryption (not supported yet)."},
+      {"context", FieldType::string, "Base64 derivation context: required by derived keys (the token derives the key from it), ignored by others."},
+      {"nonce", FieldType::string, "Not accepted: a convergent key's nonce is computed inside the token (400 if given)."},
       {"reference", FieldType::string, "Echoed in the batch result, to match items."},
   };
   return f;
@@ -125,25 +127,34 @@ std::vector<uint8_t> aad_of(const FieldData& f) {
                                   : std::vector<uint8_t>{};
 }
 
+// The item's base64 `context` (empty when absent); a `nonce` is refused: convergent keys compute
+// theirs in the token (Vault's convergent version 1, with caller nonces, is not offered).
+std::vector<uint8_t> context_of(const FieldData& f) {
+  if (f.has("nonce") && !f.get_string("nonce").empty())
+    throw invalid("nonce is not accepted: convergent encryption computes the nonce inside the token");
+  return f.has("context") ? decode_b64_field(f.get_string("context"), "context") : std::vector<uint8_t>{};
+}
+
 json encrypt_one(keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& f, int default_version) {
   if (!f.has("plaintext")) throw invalid("missing plaintext to encrypt");
+  auto context = context_of(f);
   auto pt = decode_b64_field(f.get_string("plaintext"), "plaintext");
   int version = f.has("key_version") ? to_version(f.get_int("key_version"), "key_version") : default_version;
-  auto sealed = ks.encrypt(ref, pt.data(), pt.size(), version, aad_of(f));
+  auto sealed = ks.encrypt(ref, pt.data(), pt.size(), version, aad_of(f), context);
   OPENSSL_cleanse(pt.data(), pt.size());
   return json{{"ciphertext", sealed.ciphertext}, {"key_version", sealed.key_version}};
 }
 
 json decrypt_one(keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& f, int) {
   if (!f.has("ciphertext")) throw invalid("missing ciphertext to decrypt");
-  auto pt = ks.decrypt(ref, f.get_string("ciphertext"), aad_of(f));
+  auto pt = ks.decrypt(ref, f.get_string("ciphertext"), aad_of(f), context_of(f));
   return json{{"plaintext", encoding::base64_encode(pt.data(), pt.size())}};
 }
 
 json rewrap_one(keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& f, int default_version) {
   if (!f.has("ciphertext")) throw invalid("missing ciphertext to rewrap");
   int version = f.has("key_version") ? to_version(f.get_int("key_version"), "key_version") : default_version;
-  auto sealed = ks.rewrap(ref, f.get_string("ciphertext"), version, aad_of(f));
+  auto sealed = ks.rewrap(ref, f.get_string("ciphertext"), version, aad_of(f), context_of(f));
   return json{{"ciphertext", sealed.ciphertext}, {"key_version", sealed.key_version}};
 }
 
@@ -199,7 +210,7 @@ const std::vector<Field>& sign_item_fields() {
       {"input", FieldType::string, "Base64 input to sign, verify or HMAC."},
       {"signature", FieldType::string, "Signature to verify (vault:v<N>:...)."},
       {"hmac", FieldType::string, "HMAC to verify (vault:v<N>:...)."},
-      {"context", FieldType::string, "Derivation context (derived keys are not supported yet)."},
+      {"context", FieldType::string, "Derivation context: not accepted (signing keys are never derived here)."},
       {"reference", FieldType::string, "Echoed in the batch result, to match items."},
   };
   return f;
@@ -231,7 +242,7 @@ keys::SignOptions sign_options(const Context& ctx) {
 
 void refuse_context(const FieldData& f) {
   if (f.has("context") && !f.get_string("context").empty())
-    throw invalid("context is only for derived keys, which p11kms does not support yet");
+    throw invalid("context is only for derived encryption keys: p11kms does not derive signing keys");
 }
 
 void refuse_unsupported(const FieldData& f, std::initializer_list<const char*> flags) {
@@ -258,11 +269,13 @@ void upsert_for_encrypt(Context& ctx) {
   bool has_context = ctx.fields.has("context");
   for (const auto& item : ctx.fields.get_array("batch_input"))
     has_context = has_context || (item.is_object() && item.contains("context"));
-  if (has_context)
-    throw invalid("encryption key \"" + ref.name + "\" does not exist and would be created as a derived key "
-                  "(context given), which p11kms does not support yet; create it first");
+  // As Vault: a context makes the new key a derived one (convergent if the request asks).
+  bool convergent = ctx.fields.get_bool("convergent_encryption");
+  if (convergent && !has_context)
+    throw invalid("convergent encryption requires derivation to be enabled, so a context is required");
   std::string type = ctx.fields.has("type") ? ctx.fields.get_string("type") : "aes256-gcm96";
-  ctx.keys->create_key(ref, type, ctx.token ? ctx.token->name : "");  // 400 naming the type if it cannot encrypt; creates nothing then
+  // 400 naming the type if it cannot encrypt; creates nothing then
+  ctx.keys->create_key(ref, type, ctx.token ? ctx.token->name : "", has_context, convergent);
 }
 
 }  // namespace
@@ -275,24 +288,29 @@ void add_transit_routes(Router& router) {
                {"type", FieldType::string,
                 "Key type: aes256-gcm96, aes128-gcm96, ecdsa-p256, ecdsa-p384, ed25519, rsa-2048, rsa-3072, "
                 "rsa-4096 or hmac.", "aes256-gcm96"},
-               {"derived", FieldType::boolean, "Key derivation (not supported yet)."},
-               {"convergent_encryption", FieldType::boolean, "Convergent encryption (not supported yet)."},
+               {"derived", FieldType::boolean,
+                "Key derivation (AES types): every request needs a context, from which the token derives the key "
+                "(C_DeriveKey). ed25519 derivation is not supported (400)."},
+               {"convergent_encryption", FieldType::boolean,
+                "Same plaintext and context give the same ciphertext; the nonce is computed in the token. Requires derived."},
                {"exportable", FieldType::boolean,
                 "Exportable key: its material is kept sealed under the token's master key and loaded into "
                 "the token as non-extractable session objects to be used. Cannot be set later."},
                {"allow_plaintext_backup", FieldType::boolean, "Plaintext backup (not supported)."},
                {"auto_rotate_period", FieldType::string, kRotatePeriodHelp},
                {"key_size", FieldType::integer, "Bytes of an hmac key: 16 to 512 (default 32); ignored for other types."},
-               {"context", FieldType::string, "Derivation context (not supported yet)."}},
+               {"context", FieldType::string, "Ignored on create (as Vault)."}},
               "Create a key in the token; an existing key is left unchanged.",
               [](Context& ctx) {
                 auto& ks = *ctx.keys;
-                refuse_unsupported(ctx.fields, {"derived", "convergent_encryption", "allow_plaintext_backup"});
+                refuse_unsupported(ctx.fields, {"allow_plaintext_backup"});
                 auto period = rotate_period_of(ctx);
                 keys::KeySpec spec;
                 spec.type = ctx.fields.get_string("type");
                 spec.created_by = ctx.token ? ctx.token->name : "";
                 spec.exportable = ctx.fields.get_bool("exportable");
+                spec.derived = ctx.fields.get_bool("derived");
+                spec.convergent = ctx.fields.get_bool("convergent_encryption");
                 if (spec.type == "hmac" && ctx.fields.has("key_size")) {
                   int64_t size = ctx.fields.get_int("key_size");
                   if (size < 16 || size > 512)
@@ -362,14 +380,88 @@ void add_transit_routes(Router& router) {
 
   router.add({"POST", "transit/keys/:name/rotate", {name}, "Add a new key version in the token.",
               [](Context& ctx) {
-                auto& ks = *ctx.keys; return Reply{200, key_info(ks.rotate_key(key_ref(ctx)))}; }});
+                auto& ks = *ctx.keys;
+                if (ks.key_exists(key_ref(ctx)) && ks.read_key(key_ref(ctx)).imported)
+                  throw invalid("key \"" + key_ref(ctx).name + "\" was imported: it cannot be rotated in the token; "
+                                "new versions come through keys/" + key_ref(ctx).name + "/import_version");
+                return Reply{200, key_info(ks.rotate_key(key_ref(ctx)))}; }});
+
+  // -- secure import (BYOK), as Vault 1.11+ --
+  router.add({"GET", "transit/wrapping_key", {},
+              "The public half (PEM) of the token's RSA-4096 wrapping key for imports; its private half unwraps "
+              "inside the token only.",
+              [](Context& ctx) { return Reply{200, json{{"public_key", ctx.keys->wrapping_public_key()}}}; },
+              policy::kRead});
+  const std::vector<Field> import_fields = {
+      name,
+      {"ciphertext", FieldType::string,
+       "Base64 of RSA-OAEP(ephemeral AES-256 key, wrapping key) || AES-KWP(key material, ephemeral key). Material: "
+       "raw bytes for AES and hmac keys, PKCS#8 DER for asymmetric keys."},
+      {"hash_function", FieldType::string, "OAEP and MGF1 hash: SHA1, SHA224, SHA256 (default), SHA384 or SHA512.", "SHA256"},
+      {"type", FieldType::string, "Key type (as create; not for import_version).", "aes256-gcm96"},
+      {"exportable", FieldType::boolean,
+       "Exportable: the material is then sealed under the master key (as any exportable key) instead of being a "
+       "token object."},
+      {"derived", FieldType::boolean, "Derived key (AES types): requests need a context."},
+      {"convergent_encryption", FieldType::boolean, "Convergent encryption (requires derived)."},
+      {"allow_rotation", FieldType::boolean, "Not supported (400 if true): new versions come through import_version."},
+      {"allow_plaintext_backup", FieldType::boolean, "Plaintext backup (not supported)."},
+      {"auto_rotate_period", FieldType::string, "Not supported for imported keys (400 unless 0)."},
+      {"context", FieldType::string, "Ignored (as Vault)."}};
+  auto wrapped_of = [](const Context& ctx) {
+    keys::WrappedImport w;
+    if (!ctx.fields.has("ciphertext") || ctx.fields.get_string("ciphertext").empty())
+      throw invalid("missing ciphertext: the wrapped key to import");
+    w.ciphertext = decode_b64_field(ctx.fields.get_string("ciphertext"), "ciphertext");
+    w.hash_function = ctx.fields.get_string("hash_function");
+    return w;
+  };
+  router.add({"POST", "transit/keys/:name/import", import_fields,
+              "Import a key wrapped for the wrapping key: both layers are unwrapped inside the token (C_UnwrapKey).",
+              [wrapped_of](Context& ctx) {
+                refuse_unsupported(ctx.fields, {"allow_rotation", "allow_plaintext_backup"});
+                auto period = rotate_period_of(ctx);
+                if (period && *period > 0)
+                  throw invalid("auto_rotate_period: an imported key cannot rotate itself (new versions come through "
+                                "import_version)");
+                keys::KeySpec spec;
+                spec.type = ctx.fields.get_string("type");
+                spec.created_by = ctx.token ? ctx.token->name : "";
+                spec.exportable = ctx.fields.get_bool("exportable");
+                spec.derived = ctx.fields.get_bool("derived");
+                spec.convergent = ctx.fields.get_bool("convergent_encryption");
+                ctx.keys->import_key(key_ref(ctx), spec, wrapped_of(ctx));
+                return Reply{204};
+              }});
+  router.add({"POST", "transit/keys/:name/import_version",
+              {name, import_fields[1], import_fields[2]},
+              "Add a version to an imported key from wrapped material (only keys that were imported).",
+              [wrapped_of](Context& ctx) {
+                ctx.keys->import_key_version(key_ref(ctx), wrapped_of(ctx));
+                return Reply{204};
+              }});
+
+  router.add({"POST", "transit/keys/:name/trim",
+              {name,
+               {"min_available_version", FieldType::integer,
+                "Versions below it are destroyed (token objects included). At most min_decryption_version and "
+                "min_encryption_version, which must be set."}},
+              "Destroy old versions of a key, their token objects included (Vault's trim).",
+              [](Context& ctx) {
+                if (!ctx.fields.has("min_available_version")) throw invalid("missing min_available_version");
+                int64_t n = ctx.fields.get_int("min_available_version");
+                if (n <= 0 || n > std::numeric_limits<int>::max())
+                  throw invalid("min_available_version must be a positive version number");
+                return Reply{200, key_info(ctx.keys->trim_key(key_ref(ctx), static_cast<int>(n)))};
+              }});
 
   std::vector<Field> crypt_fields = item_fields();
   crypt_fields.push_back(name);
   crypt_fields.push_back({"batch_input", FieldType::array, "Items to process, each with the single-call fields."});
   crypt_fields.push_back({"partial_failure_response_code", FieldType::integer, "Status for a partly failed batch."});
   crypt_fields.push_back({"type", FieldType::string, "Type of the key when encrypt creates it (upsert): aes256-gcm96 (default) or aes128-gcm96."});
-  crypt_fields.push_back({"convergent_encryption", FieldType::boolean, "Not supported yet."});
+  crypt_fields.push_back({"convergent_encryption", FieldType::boolean,
+                          "When encrypt creates the key (upsert, with a context): make it convergent."});
 
   router.add({"POST", "transit/encrypt/:name", crypt_fields,
               "Encrypt base64 plaintext with AES-GCM in the token; a missing key is created first (as Vault "
@@ -388,8 +480,8 @@ void add_transit_routes(Router& router) {
                {"plaintext", FieldType::string, "\"plaintext\" to also return the data key, or \"wrapped\"."},
                {"bits", FieldType::integer, "Data key size: 128, 256 or 512.", 256},
                {"key_version", FieldType::integer, "Key version to wrap with; 0 = latest."},
-               {"context", FieldType::string, "Derivation context (not supported yet)."},
-               {"nonce", FieldType::string, "Nonce (not supported yet)."}},
+               {"context", FieldType::string, "Base64 derivation context: required by derived keys."},
+               {"nonce", FieldType::string, "Not accepted (400): convergent nonces are computed in the token."}},
               "Generate a data key in the token, returned wrapped (and in plaintext if asked).",
               [](Context& ctx) {
                 auto& ks = *ctx.keys;
@@ -400,7 +492,7 @@ void add_transit_routes(Router& router) {
                 if (bits != 128 && bits != 256 && bits != 512)
                   throw invalid("invalid bits " + std::to_string(bits) + ": bits must be 128, 256 or 512");
                 int version = to_version(ctx.fields.get_int("key_version"), "key_version");
-                auto dk = ks.generate_data_key(key_ref(ctx), static_cast<int>(bits), version);
+                auto dk = ks.generate_data_key(key_ref(ctx), static_cast<int>(bits), version, context_of(ctx.fields));
                 json data{{"ciphertext", dk.sealed.ciphertext}, {"key_version", dk.sealed.key_version}};
                 if (kind == "plaintext") data["plaintext"] = encoding::base64_encode(dk.plaintext.data(), dk.plaintext.size());
                 return Reply{200, data};
@@ -420,7 +512,7 @@ void add_transit_routes(Router& router) {
       {"signature_algorithm", FieldType::string, "RSA: pss (default) or pkcs1v15."},
       {"marshaling_algorithm", FieldType::string, "ECDSA: asn1 (DER, default) or jws (r || s, base64url).", "asn1"},
       {"salt_length", FieldType::string, "RSA-PSS salt: auto (largest, default), hash, or a number of bytes.", "auto"},
-      {"context", FieldType::string, "Derivation context (derived keys are not supported yet)."},
+      {"context", FieldType::string, "Not accepted (400): p11kms does not derive signing keys."},
       {"batch_input", FieldType::array, "Items with input (and reference), all signed with the request's options."},
       {"partial_failure_response_code", FieldType::integer, "Status for a partly failed batch."},
       {"signature", FieldType::string, "verify: the vault:v<N>: signature."},

@@ -36,6 +36,7 @@ const std::map<std::string, std::set<std::string>>& known_keys() {
       {"auth", {"tokens"}},
       {"auth.tokens[]", {"name", "token_sha256", "policies", "namespaces", "expires", "cert_sha256"}},
       {"audit", {"path", "fail_closed", "max_bytes"}},
+      {"byok", {"region", "validation_interval", "in_use_window", "max_keys"}},
       {"limits", {"max_body_bytes", "max_json_depth", "max_batch_items", "max_header_bytes",
                   "max_key_name_length", "read_timeout_s", "rate_limit"}},
   };
@@ -88,6 +89,23 @@ int64_t parse_rfc3339(const std::string& s, const std::string& key) {
   auto t = timefmt::parse_rfc3339(s);
   if (!t) fail(key, "must be an RFC 3339 time such as 2027-01-01T00:00:00Z, and a real date");
   return *t;
+}
+
+// A duration: integer seconds, or a number with a unit s, m, h (90s, 5m, 24h).
+int64_t duration(const YAML::Node& n, const std::string& key, int64_t min, int64_t max) {
+  if (!n.IsScalar()) fail(key, "must be a duration such as 30s, 5m or 24h");
+  std::string s = n.as<std::string>();
+  int64_t unit = 1;
+  if (!s.empty() && (s.back() == 's' || s.back() == 'm' || s.back() == 'h')) {
+    unit = s.back() == 'h' ? 3600 : s.back() == 'm' ? 60 : 1;
+    s.pop_back();
+  }
+  if (s.empty() || s.size() > 9 || s.find_first_not_of("0123456789") != std::string::npos)
+    fail(key, "must be a duration such as 30s, 5m or 24h (or integer seconds)");
+  int64_t v = std::stoll(s) * unit;
+  if (v < min || v > max)
+    fail(key, "must be between " + std::to_string(min) + " and " + std::to_string(max) + " seconds");
+  return v;
 }
 
 [[noreturn]] void not_yet(const std::string& key, const std::string& what) {
@@ -211,11 +229,19 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
   if (auto s = root["store"]) {
     check_keys(s, "store", "store");
     if (s["driver"]) c.store.driver = str(s["driver"], "store.driver");
-    if (c.store.driver == "postgres") not_yet("store.driver", "the postgres driver");
-    if (c.store.driver != "sqlite") fail("store.driver", "must be sqlite or postgres");
+    if (c.store.driver != "sqlite" && c.store.driver != "postgres") fail("store.driver", "must be sqlite or postgres");
     if (s["path"]) c.store.path = str(s["path"], "store.path");
-    if (s["dsn"]) not_yet("store.dsn", "the postgres driver");
-    if (s["password_file"]) not_yet("store.password_file", "the postgres driver");
+    if (s["dsn"]) c.store.dsn = str(s["dsn"], "store.dsn");
+    if (s["password_file"]) c.store.password_file = absolute(str(s["password_file"], "store.password_file"), base_dir);
+    if (c.store.driver == "postgres") {
+      if (c.store.dsn.empty()) fail("store.dsn", "is required with store.driver postgres (a libpq connection string)");
+      // Secrets never sit in the config file: the password comes from a file or PGPASSFILE.
+      if (c.store.dsn.find("password") != std::string::npos)
+        fail("store.dsn", "must not hold a password: use store.password_file or PGPASSFILE");
+      if (s["path"]) fail("store.path", "applies to the sqlite driver only");
+    } else if (s["dsn"] || s["password_file"]) {
+      fail(s["dsn"] ? "store.dsn" : "store.password_file", "applies to the postgres driver only");
+    }
   }
   c.store.path = absolute(c.store.path, base_dir);
 
@@ -246,7 +272,20 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
   }
   if (root["keyring"]) not_yet("keyring", "the keyring dialect");
   if (root["jwks"]) not_yet("jwks", "the jwks dialect");
-  if (root["byok"]) not_yet("byok", "the byok dialect");
+  if (auto b = root["byok"]; b && !b.IsNull()) {
+    check_keys(b, "byok", "byok");
+    if (b["region"]) {
+      c.byok.region = str(b["region"], "byok.region");
+      if (c.byok.region.empty() || c.byok.region.size() > 64 ||
+          c.byok.region.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
+              std::string::npos)
+        fail("byok.region", "must be 1 to 64 characters of [A-Za-z0-9._-]");
+    }
+    if (b["validation_interval"])
+      c.byok.validation_interval_s = duration(b["validation_interval"], "byok.validation_interval", 1, 7 * 86400);
+    if (b["in_use_window"]) c.byok.in_use_window_s = duration(b["in_use_window"], "byok.in_use_window", 1, 366 * 86400);
+    if (b["max_keys"]) c.byok.max_keys = static_cast<size_t>(integer(b["max_keys"], "byok.max_keys", 1, 1000000));
+  }
 
   if (auto l = root["limits"]) {
     check_keys(l, "limits", "limits");

@@ -9,6 +9,7 @@
 
 #include "api/api_service.hpp"
 #include "hsm/secret.hpp"
+#include "keys/byok_registry.hpp"
 #include "policy/policy.hpp"
 #include "policy/token_auth.hpp"
 
@@ -32,8 +33,10 @@ struct Config {
     size_t sessions = 8;
   } hsm;
   struct Store {
-    std::string driver = "sqlite";
-    std::string path = "p11kms.db";  // absolute after loading
+    std::string driver = "sqlite";   // sqlite | postgres
+    std::string path = "p11kms.db";  // sqlite; absolute after loading
+    std::string dsn;                 // postgres: a libpq connection string, without a password
+    std::string password_file;       // postgres: a file holding just the password; absolute
   } store;
   std::vector<policy::TokenEntry> tokens;
   std::map<std::string, policy::Policy> policies;  // configured ones; built-ins are implied
@@ -47,6 +50,7 @@ struct Config {
     uint64_t max_bytes = 104857600;
   } audit;
   size_t http_threads = 40;
+  keys::ByokOptions byok;  // byok: region, validation_interval, in_use_window, max_keys
 };
 
 Config load_config_file(const std::string& path);

@@ -1,4 +1,5 @@
 #include "app/server.hpp"
+#include "app/store_open.hpp"
 
 #include <signal.h>
 
@@ -10,6 +11,7 @@
 #include "audit/audit_log.hpp"
 #include "common/log.hpp"
 #include "hsm/token.hpp"
+#include "keys/byok_registry.hpp"
 #include "keys/key_service.hpp"
 #include "keys/rotation_worker.hpp"
 #include "store/metadata_store.hpp"
@@ -38,7 +40,8 @@ void reload_access(const Config& running, policy::AccessControl& access) {
     log::info("SIGHUP: reloaded " + std::to_string(next.tokens.size()) + " tokens and " +
               std::to_string(next.policies.size()) + " policies from " + running.source_file);
     if (next.listen_address != running.listen_address || next.hsm.module != running.hsm.module ||
-        next.hsm.token_label != running.hsm.token_label || next.store.path != running.store.path)
+        next.hsm.token_label != running.hsm.token_label || next.store.path != running.store.path ||
+        next.store.dsn != running.store.dsn)
       log::warn("SIGHUP: listen, hsm and store settings changed in the file; they take effect at restart");
   } catch (const std::exception& e) {
     log::error(std::string("SIGHUP: config not reloaded, the running rules stay: ") + e.what());
@@ -60,7 +63,7 @@ int run_server(const Config& config, const std::string& banner) {
   std::unique_ptr<store::MetadataStore> store;
   std::unique_ptr<hsm::SessionPool> pool;
   try {
-    store = store::open_sqlite_store(config.store.path);
+    store = open_store(config.store);
     hsm::PoolConfig pc;
     pc.module = config.hsm.module;
     pc.token_label = config.hsm.token_label;
@@ -76,9 +79,12 @@ int run_server(const Config& config, const std::string& banner) {
   hsm::Token token(*pool);
   keys::ServiceLimits kl;
   kl.max_key_name_length = config.max_key_name_length;
+  const bool shared_store = config.store.driver == "postgres";
+  kl.cache_metadata = !shared_store;
   keys::KeyService keys(*store, token, kl);
   try {
-    auto report = keys.sweep();
+    // Several instances may share a PostgreSQL store: leave another's fresh intents alone.
+    auto report = keys.sweep(shared_store ? 60 : 0);
     log::info("start-up sweep: " + std::to_string(report.intents_settled) + " intents settled, " +
               std::to_string(report.orphans_destroyed) + " orphan objects destroyed, " +
               std::to_string(report.missing.size()) + " versions missing their object, " +
@@ -94,6 +100,8 @@ int run_server(const Config& config, const std::string& banner) {
   api::ApiService service(keys, access, limits, P11KMS_VERSION);
   keys::MountRegistry mounts(*store, keys);
   service.set_mounts(&mounts);
+  keys::ByokRegistry byok(*store, keys, token, config.byok);
+  service.set_byok(&byok);
   std::unique_ptr<audit::AuditLog> audit_log;
   if (!config.audit.path.empty()) {
     try {
@@ -133,11 +141,13 @@ int run_server(const Config& config, const std::string& banner) {
   }
   std::cout << banner << "==> p11kms server started! Log data will stream in below:" << std::endl;
   log::info("listening on " + config.listen_address + " (token '" + config.hsm.token_label + "', store " +
-            config.store.path + ")");
+            describe_store(config.store) + ")");
 
   // Due rotations are found within a second in dev mode (short periods can be watched there),
   // within 30 s otherwise.
-  keys::RotationWorker rotation(keys, config.source_file.empty() ? std::chrono::seconds(1) : std::chrono::seconds(30));
+  keys::RotationWorker rotation(keys, *store, config.source_file.empty() ? std::chrono::seconds(1) : std::chrono::seconds(30));
+  // BYOK: every P11kmsKey is validated in the token each byok.validation_interval.
+  keys::ByokValidationWorker byok_validation(byok, std::chrono::seconds(config.byok.validation_interval_s));
 
   for (;;) {
     int sig = 0;

@@ -88,6 +88,32 @@ void Token::generate_aes_key(const ObjectId& id, size_t bytes, const std::string
   generate_secret(CKM_AES_KEY_GEN, t, id);
 }
 
+void Token::generate_derivation_key(const ObjectId& id, size_t bytes, const std::string& label) {
+  auto t = secret_key_template(CKK_AES, bytes, id, label, {CKA_DERIVE});
+  generate_secret(CKM_AES_KEY_GEN, t, id);
+}
+
+// No CKA_MODIFIABLE: SoftHSM's C_UnwrapKey refuses it (CKR_ATTRIBUTE_READ_ONLY, measured).
+AttributeTemplate token_secret_template(CK_KEY_TYPE type, const ObjectId& id, const std::string& label,
+                                        std::initializer_list<CK_ATTRIBUTE_TYPE> usages) {
+  AttributeTemplate t;
+  t.set_ulong(CKA_CLASS, CKO_SECRET_KEY).set_ulong(CKA_KEY_TYPE, type);
+  t.set(CKA_TOKEN, true).set(CKA_PRIVATE, true).set(CKA_SENSITIVE, true).set(CKA_EXTRACTABLE, false);
+  for (CK_ATTRIBUTE_TYPE usage : {CKA_ENCRYPT, CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE})
+    t.set(usage, std::find(usages.begin(), usages.end(), usage) != usages.end());
+  t.set_bytes(CKA_ID, id).set_string(CKA_LABEL, label);
+  return t;
+}
+
+KeyHandle derived_key_handle(ObjectId cache_id, KeyHandle base, Bytes data, CK_KEY_TYPE type, size_t bytes) {
+  KeyHandle h(std::move(cache_id));
+  h.base = std::make_shared<const KeyHandle>(std::move(base));
+  h.derive_data = std::move(data);
+  h.derived_type = type;
+  h.derived_bytes = bytes;
+  return h;
+}
+
 void Token::import_aes_key(const ObjectId& id, const SecureBytes& value, const std::string& label) {
   auto t = secret_key_template(CKK_AES, 0, id, label, {CKA_ENCRYPT, CKA_DECRYPT});
   t.set_bytes(CKA_VALUE, value.data(), value.size());
@@ -197,9 +223,11 @@ void Token::forget(const ObjectId& id) {
 // for the process's life, and replaces one that failed: then the handle is stale and the
 // caller's retry makes the object again). Bounded: past kMaxSessionObjects they are all
 // destroyed and made again on demand.
+constexpr size_t kMaxSessionObjects = 4096;
+
 CK_OBJECT_HANDLE Token::resolve(SessionPool::Lease& l, const KeyHandle& key) {
+  if (key.base) return derive(l, key);
   if (!key.load) return handle(l, key.id);
-  constexpr size_t kMaxSessionObjects = 4096;
   std::lock_guard<std::mutex> create_lock(load_mu_);
   {
     std::lock_guard<std::mutex> lk(cache_mu_);
@@ -221,6 +249,72 @@ CK_OBJECT_HANDLE Token::resolve(SessionPool::Lease& l, const KeyHandle& key) {
   std::lock_guard<std::mutex> lk(cache_mu_);
   if (cache_generation_ == l.generation()) session_cache_[cache_key(key.id)] = h;
   return h;
+}
+
+// A derived key: the base first (a token object or a loaded session object), then one
+// C_DeriveKey; cached and bounded like loaded session objects.
+CK_OBJECT_HANDLE Token::derive(SessionPool::Lease& l, const KeyHandle& key) {
+  auto cached = [&]() -> std::optional<CK_OBJECT_HANDLE> {
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    if (cache_generation_ != l.generation()) {
+      cache_.clear();
+      session_cache_.clear();
+      cache_generation_ = l.generation();
+    }
+    auto it = session_cache_.find(cache_key(key.id));
+    if (it != session_cache_.end()) return it->second;
+    return std::nullopt;
+  };
+  if (auto h = cached()) return *h;
+  for (int attempt = 0;; ++attempt) {
+    CK_OBJECT_HANDLE base = resolve(l, *key.base);
+    std::lock_guard<std::mutex> create_lock(load_mu_);
+    if (auto h = cached()) return *h;
+    {
+      std::lock_guard<std::mutex> lk(cache_mu_);
+      if (session_cache_.size() >= kMaxSessionObjects) {
+        for (const auto& entry : session_cache_) l.fn()->C_DestroyObject(l.session(), entry.second);
+        session_cache_.clear();
+      }
+    }
+    CK_KEY_DERIVATION_STRING_DATA data{const_cast<uint8_t*>(key.derive_data.data()),
+                                       static_cast<CK_ULONG>(key.derive_data.size())};
+    CK_MECHANISM mech{CKM_AES_ECB_ENCRYPT_DATA, &data, sizeof data};
+    AttributeTemplate t;
+    t.set_ulong(CKA_CLASS, CKO_SECRET_KEY).set_ulong(CKA_KEY_TYPE, key.derived_type);
+    t.set_ulong(CKA_VALUE_LEN, key.derived_bytes);
+    // No CKA_MODIFIABLE: SoftHSM's C_DeriveKey refuses it (CKR_ATTRIBUTE_READ_ONLY, measured).
+    t.set(CKA_TOKEN, false).set(CKA_PRIVATE, true).set(CKA_SENSITIVE, true).set(CKA_EXTRACTABLE, false);
+    bool aes = key.derived_type == CKK_AES;
+    t.set(CKA_ENCRYPT, aes).set(CKA_DECRYPT, aes).set(CKA_SIGN, !aes).set(CKA_VERIFY, !aes)
+        .set(CKA_WRAP, false).set(CKA_UNWRAP, false).set(CKA_DERIVE, false);
+    CK_OBJECT_HANDLE h = 0;
+    CK_RV rv = l.fn()->C_DeriveKey(l.session(), &mech, base, t.data(), t.size(), &h);
+    if (is_stale_handle(rv) && attempt == 0) {  // the base's session object went away
+      forget(key.base->id);
+      continue;
+    }
+    l.check(rv, "C_DeriveKey");
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    if (cache_generation_ == l.generation()) session_cache_[cache_key(key.id)] = h;
+    return h;
+  }
+}
+
+void Token::drop_session_objects(const ObjectId& prefix) {
+  auto l = pool_.lease();
+  std::string p = cache_key(prefix);
+  std::lock_guard<std::mutex> create_lock(load_mu_);
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  if (cache_generation_ != l.generation()) return;  // they went with their sessions
+  for (auto it = session_cache_.begin(); it != session_cache_.end();) {
+    if (it->first.compare(0, p.size(), p) == 0) {
+      l.fn()->C_DestroyObject(l.session(), it->second);
+      it = session_cache_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 Bytes Token::aes_gcm_encrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <stdexcept>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -29,6 +31,32 @@ struct KeyHandle {
       : id(std::move(cache_id)), load(std::move(loader)) {}
   ObjectId id;
   std::function<AttributeTemplate()> load;
+  // A derived key (Vault's derived keys): a non-extractable session object made in the token by
+  // C_DeriveKey(CKM_AES_ECB_ENCRYPT_DATA, base, derive_data), cached under `id` like a loaded
+  // one and derived again when its session has gone. Made by derived_key_handle().
+  std::shared_ptr<const KeyHandle> base;
+  Bytes derive_data;                     // a multiple of 16 bytes
+  CK_KEY_TYPE derived_type = CKK_AES;    // CKK_AES (encrypt/decrypt) or CKK_GENERIC_SECRET (sign)
+  size_t derived_bytes = 32;
+};
+
+// The handle of a key derived from `base` with `data` (16 or 32 bytes, e.g. a hash of a
+// context): an AES key usable to encrypt and decrypt (derived_type CKK_AES) or a generic
+// secret usable only for HMAC (CKK_GENERIC_SECRET). The base must have CKA_DERIVE.
+KeyHandle derived_key_handle(ObjectId cache_id, KeyHandle base, Bytes data, CK_KEY_TYPE type, size_t bytes);
+
+// A wrapped import was refused (it does not open with the wrapping key, or holds something
+// other than what was declared): the caller's fault, a 400. Nothing was left on the token.
+class ImportRejected : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// What C_UnwrapKey made of an import: the object's value length (secret keys) and, for
+// private keys, the public key as SubjectPublicKeyInfo DER.
+struct ImportedObject {
+  size_t value_len = 0;
+  Bytes spki;
 };
 
 // Asymmetric key pairs the token makes.
@@ -44,6 +72,13 @@ struct ExportablePair {
   SecureBytes pkcs8;
   Bytes spki;
 };
+
+// The template of a persistent secret key the service keeps (private, sensitive,
+// non-extractable, unmodifiable, only `usages` true), without a value: for C_UnwrapKey.
+AttributeTemplate token_secret_template(CK_KEY_TYPE type, const ObjectId& id, const std::string& label,
+                                        std::initializer_list<CK_ATTRIBUTE_TYPE> usages);
+// The same for a private key of `kind` (CKA_SIGN only).
+AttributeTemplate token_private_key_template(PairKind kind, const ObjectId& id, const std::string& label);
 
 // Session-object templates for material unsealed from the store: private, sensitive,
 // non-extractable, CKA_TOKEN=false, only the given usage true.
@@ -74,6 +109,8 @@ class Token {
   // A persistent, private, sensitive, non-extractable AES key usable only to encrypt and
   // decrypt. Every boolean is set explicitly (SoftHSM turns several on by default).
   void generate_aes_key(const ObjectId& id, size_t bytes, const std::string& label);
+  // The base key of a derived key version: the same, usable only to derive (CKA_DERIVE).
+  void generate_derivation_key(const ObjectId& id, size_t bytes, const std::string& label);
 
   // The same kind of AES key from caller-supplied material (C_CreateObject); the template's
   // copy of the value is wiped, the caller wipes its own.
@@ -109,6 +146,33 @@ class Token {
   // nullopt when the tag does not verify (or the data is not a GCM ciphertext).
   std::optional<SecureBytes> aes_gcm_decrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                                              const uint8_t* ciphertext, size_t len);
+  // An AES-ECB encrypt-then-decrypt round trip of `data` (a multiple of 16 bytes) with the key,
+  // in the token (token_probe.cpp): only for BYOK validation probes through a module without
+  // AES-GCM (p11-kit 0.24 remoting forwards ECB, not GCM); never used to protect data. True
+  // when the data came back unchanged.
+  bool aes_ecb_round_trip(const KeyHandle& key, const SecureBytes& data);
+
+  // Vault's secure import (BYOK). The wrapping key: a persistent RSA key pair whose private
+  // half unwraps (and decrypts raw RSA, see import_wrapped); returns the public SPKI DER.
+  Bytes generate_wrapping_key_pair(const ObjectId& id, const std::string& label, int bits);
+  // Opens `blob` = RSA-OAEP(ephemeral AES key) || AES-KWP(material) with the wrapping key, both
+  // layers in the token where the module allows it (`oaep_hash` CKM_SHA_1 ... CKM_SHA512; when
+  // the module's OAEP refuses the hash, raw RSA runs in the token and the OAEP decoding here,
+  // and the ephemeral key is put back into the token and wiped), and unwraps the material with
+  // C_UnwrapKey into an object made from `target`: a secret key, or a private key of `kind`
+  // (checked against the declared curve or size). Throws ImportRejected for a blob that does
+  // not open or holds another kind of key; nothing is left on the token then.
+  // `aes_bytes`: the declared size of an AES key (SoftHSM neither takes CKA_VALUE_LEN in an
+  // unwrap template nor reports it afterwards, so the size is checked from the KWP length and a
+  // trial use in the token); 0 for other secrets, whose value_len is then the KWP bound.
+  ImportedObject import_wrapped(const ObjectId& wrapping_key, const Bytes& blob, CK_MECHANISM_TYPE oaep_hash,
+                                AttributeTemplate& target, const PairSpec* kind, size_t aes_bytes = 0);
+  // The same two layers, for an exportable import (its owner may read it anyway): the material
+  // is unwrapped into a short-lived session object, read and destroyed.
+  SecureBytes import_wrapped_material(const ObjectId& wrapping_key, const Bytes& blob, CK_MECHANISM_TYPE oaep_hash);
+  // Drops the cached session objects (loaded or derived) whose cache id starts with `prefix`,
+  // destroying them (e.g. every object of a trimmed or deleted version).
+  void drop_session_objects(const ObjectId& prefix);
 
   // Destroys the object with this CKA_ID if present; returns whether one was destroyed.
   bool destroy(const ObjectId& id);
@@ -126,6 +190,11 @@ class Token {
   std::optional<CK_OBJECT_HANDLE> find(SessionPool::Lease& lease, const ObjectId& id);
   CK_OBJECT_HANDLE handle(SessionPool::Lease& lease, const ObjectId& id);  // throws ObjectMissing
   CK_OBJECT_HANDLE resolve(SessionPool::Lease& lease, const KeyHandle& key);
+  CK_OBJECT_HANDLE derive(SessionPool::Lease& lease, const KeyHandle& key);
+  // The ephemeral AES key of an import (a session object, CKA_UNWRAP only) from the blob's
+  // RSA part; the caller destroys it.
+  CK_OBJECT_HANDLE open_ephemeral(SessionPool::Lease& lease, const ObjectId& wrapping_key, const Bytes& rsa_part,
+                                  CK_MECHANISM_TYPE oaep_hash);
   void forget(const ObjectId& id);
 
   SessionPool& pool_;

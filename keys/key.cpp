@@ -43,6 +43,9 @@ store::KeyRecord Key::with_config(const KeyConfigChange& c) const {
     int v = *c.min_decryption_version;
     if (v < 0) throw invalid("min_decryption_version cannot be negative");
     if (v == 0) v = 1;  // as Vault: versions start at 1
+    if (v < r_.min_available_version)
+      throw invalid("min_decryption_version cannot be less than min_available_version (" +
+                    std::to_string(r_.min_available_version) + "): older versions were trimmed");
     if (v > latest)
       throw invalid("cannot set min_decryption_version to " + std::to_string(v) +
                     ": the latest key version is " + std::to_string(latest));

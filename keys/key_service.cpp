@@ -1,7 +1,9 @@
 #include "keys/key_service.hpp"
 
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <openssl/x509.h>
 
 #include <cctype>
 #include <chrono>
@@ -10,6 +12,8 @@
 #include "common/encoding.hpp"
 #include "common/log.hpp"
 #include "common/uuid.hpp"
+#include "hsm/errors.hpp"
+#include "keys/digest.hpp"
 #include "keys/envelope.hpp"
 #include "keys/key_service_guard.hpp"
 
@@ -63,6 +67,50 @@ std::pair<int, std::string> split_vault_value(const std::string& text, const cha
   return {version, text.substr(colon + 1)};
 }
 
+// The SubjectPublicKeyInfo of a PKCS#8 private key, checked against the key's declared type.
+std::vector<uint8_t> checked_public_key(KeyType type, const hsm::SecureBytes& pkcs8) {
+  std::vector<uint8_t> spki;
+  try {
+    spki = hsm::public_key_of_pkcs8(pkcs8);
+  } catch (const std::invalid_argument& e) {
+    throw invalid(std::string("invalid key material: ") + e.what(), "invalid_payload");
+  }
+  const unsigned char* p = spki.data();
+  EVP_PKEY* raw = d2i_PUBKEY(nullptr, &p, static_cast<long>(spki.size()));
+  if (!raw) throw invalid("invalid key material: unreadable public key", "invalid_payload");
+  std::unique_ptr<EVP_PKEY, void (*)(EVP_PKEY*)> pub(raw, EVP_PKEY_free);
+  int id = EVP_PKEY_get_base_id(pub.get());
+  bool ok = false;
+  if (type == KeyType::ed25519) {
+    ok = id == EVP_PKEY_ED25519;
+  } else if (is_rsa(type)) {
+    ok = id == EVP_PKEY_RSA && EVP_PKEY_get_bits(pub.get()) == pair_spec(type).rsa_bits;
+  } else if (is_ecdsa(type)) {
+    char group[64] = {0};
+    size_t n = 0;
+    ok = id == EVP_PKEY_EC &&
+         EVP_PKEY_get_utf8_string_param(pub.get(), "group", group, sizeof group, &n) == 1 &&
+         std::string(group, n) == (type == KeyType::ecdsa_p384 ? "secp384r1" : "prime256v1");
+  }
+  if (!ok)
+    throw invalid(std::string("invalid key material: it is not a ") + key_type_name(type) + " private key",
+                  "invalid_payload");
+  return spki;
+}
+
+// An HMAC in the token; a key shorter than the digest (an imported hmac key: SoftHSM refuses
+// those for sha2-384/512 with CKR_KEY_SIZE_RANGE) is the caller's 400, not a token failure.
+hsm::Bytes token_hmac(hsm::Token& token, const hsm::KeyHandle& handle, CK_MECHANISM_TYPE mech,
+                      const std::vector<uint8_t>& input, const std::string& algorithm) {
+  try {
+    return token.hmac(handle, mech, input.data(), input.size());
+  } catch (const hsm::Pkcs11Error& e) {
+    if (e.rv() != CKR_KEY_SIZE_RANGE) throw;
+    throw invalid("the token's PKCS#11 module refuses " + algorithm + " HMACs with this key: it is shorter than the "
+                  "digest (an imported hmac key); use a shorter hash algorithm", "mechanism_unavailable");
+  }
+}
+
 std::vector<uint8_t> new_iv() {
   // The IV is public and only needs uniqueness; OpenSSL's DRBG saves a token round trip.
   std::vector<uint8_t> iv(12);
@@ -89,7 +137,7 @@ void KeyService::validate_name(const std::string& name) const {
 std::shared_ptr<const Key> KeyService::load(const KeyRef& ref) {
   validate_name(ref.name);
   std::shared_ptr<const Key> key;
-  {
+  if (limits_.cache_metadata) {
     std::lock_guard<std::mutex> lk(cache_mu_);
     auto it = cache_.find(cache_key(ref));
     if (it != cache_.end()) key = it->second;
@@ -98,8 +146,10 @@ std::shared_ptr<const Key> KeyService::load(const KeyRef& ref) {
     auto rec = store_.get_key(ref.ns, ref.name);
     if (!rec) return nullptr;
     key = std::make_shared<const Key>(std::move(*rec));
-    std::lock_guard<std::mutex> lk(cache_mu_);
-    cache_[cache_key(ref)] = key;
+    if (limits_.cache_metadata) {
+      std::lock_guard<std::mutex> lk(cache_mu_);
+      cache_[cache_key(ref)] = key;
+    }
   }
   if (!ref.id.empty() && key->record().id != ref.id) return nullptr;
   return key;
@@ -156,6 +206,8 @@ store::VersionRecord KeyService::create_version_object(const Key& key, int versi
         token_.generate_hmac_key(id, std::max(material_bytes(key.record()), kTokenHmacKeyBytes), label);
     } else if (material) {
       token_.import_aes_key(id, *material, label);
+    } else if (key.record().derived) {
+      token_.generate_derivation_key(id, key_type_bytes(type), label);
     } else {
       token_.generate_aes_key(id, key_type_bytes(type), label);
     }
@@ -185,8 +237,9 @@ store::VersionRecord KeyService::new_version(const Key& key, int version, const 
   // sealed form is stored.
   store::VersionRecord v;
   hsm::SecureBytes drawn;
-  if (is_asymmetric(type)) {
-    if (material) throw invalid("importing " + std::string(key_type_name(type)) + " keys is not supported yet");
+  if (is_asymmetric(type) && material) {
+    v.public_key = public_key_pem(checked_public_key(type, *material));
+  } else if (is_asymmetric(type)) {
     auto pair = token_.generate_exportable_key_pair(pair_spec(type));
     drawn = std::move(pair.pkcs8);
     v.public_key = public_key_pem(pair.spki);
@@ -208,13 +261,35 @@ hsm::KeyHandle KeyService::material_handle(const Key& key, const store::VersionR
   owner.ns = key.record().ns;
   owner.id = key.record().id;
   KeyType type = key.type();
-  return hsm::KeyHandle(session_id(v.id, "/material"), [this, owner, v, type] {
+  bool derived = key.record().derived;
+  return hsm::KeyHandle(session_id(v.id, "/material"), [this, owner, v, type, derived] {
     hsm::SecureBytes m = unseal_material(owner, v);
     if (is_asymmetric(type)) return hsm::session_private_key_template(m);
     if (type == KeyType::hmac)
       return hsm::session_secret_template(CKK_GENERIC_SECRET, padded_hmac_key(m), {CKA_SIGN, CKA_VERIFY});
+    if (derived) return hsm::session_secret_template(CKK_AES, m, {CKA_DERIVE});
     return hsm::session_secret_template(CKK_AES, m, {CKA_ENCRYPT, CKA_DECRYPT});
   });
+}
+
+// Derivation data: SHA-256 of a label and the context (32 bytes, two AES blocks), so the key
+// is AES-ECB(base, H(label || context)) computed in the token; the nonce key of a convergent
+// key uses another label. The cache id names the version, the purpose and the hash.
+hsm::KeyHandle KeyService::derived_handle(const Key& key, const store::VersionRecord& v,
+                                          const std::vector<uint8_t>& context, bool nonce) {
+  if (context.empty())
+    throw invalid("missing 'context' for key derivation: key \"" + key.name() +
+                  "\" was created as a derived key, so every request must include a base64 context",
+                  "missing_context");
+  std::string label = nonce ? "p11kms transit convergent nonce v1" : "p11kms transit derived key v1";
+  std::vector<uint8_t> input(label.begin(), label.end());
+  input.push_back(0);
+  input.insert(input.end(), context.begin(), context.end());
+  auto data = digest("sha2-256", input);
+  std::string what = std::string(nonce ? "/nonce/" : "/derived/") + encoding::hex_encode(data);
+  return hsm::derived_key_handle(session_id(v.id, what.c_str()), material_handle(key, v), data,
+                                 nonce ? CKK_GENERIC_SECRET : CKK_AES,
+                                 nonce ? 32 : key_type_bytes(key.type()));
 }
 
 void KeyService::ensure_hmac_key(const KeyRef& ref, int version) {
@@ -316,7 +391,16 @@ const hsm::ObjectId& KeyService::master_key() {
   // the token (never a key without its object): the setting is written only after it exists.
   auto id = token_.new_object_id();
   token_.generate_aes_key(id, 32, "p11kms-system/master-key");
-  store_.put_setting(setting, encoding::hex_encode(id));
+  // Another instance may have made one at the same moment: the first recorded wins and the
+  // other is destroyed, so every instance seals under the same key.
+  std::string stored = store_.put_setting_if_absent(setting, encoding::hex_encode(id));
+  if (stored != encoding::hex_encode(id)) {
+    token_.destroy(id);
+    auto theirs = encoding::hex_decode(stored);
+    if (!theirs) throw KeyError(ErrorKind::internal, "internal", "corrupt master key id in the store");
+    master_key_id_ = *theirs;
+    return master_key_id_;
+  }
   log::info("keys: created the master key that seals exportable key material");
   master_key_id_ = id;
   return master_key_id_;
@@ -343,7 +427,8 @@ hsm::SecureBytes KeyService::unseal_material(const store::KeyRecord& key, const 
   return std::move(*pt);
 }
 
-CreateResult KeyService::create_key(const KeyRef& ref, const std::string& type_name, const std::string& created_by) {
+CreateResult KeyService::create_key(const KeyRef& ref, const std::string& type_name, const std::string& created_by,
+                                    bool derived, bool convergent) {
   auto type = parse_key_type(type_name);
   if (!type || !is_aes(*type))
     throw invalid((type ? "key type \"" + type_name + "\" cannot encrypt" : "unknown key type \"" + type_name + "\"") +
@@ -352,6 +437,8 @@ CreateResult KeyService::create_key(const KeyRef& ref, const std::string& type_n
   KeySpec spec;
   spec.type = type_name;
   spec.created_by = created_by;
+  spec.derived = derived;
+  spec.convergent = convergent;
   return create_key(ref, spec);
 }
 
@@ -381,6 +468,22 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
       if (!token_.has_mechanism(CKM_GENERIC_SECRET_KEY_GEN) || !token_.has_mechanism(CKM_SHA256_HMAC))
         throw invalid("the token's PKCS#11 module offers no HMAC", "mechanism_unavailable");
     }
+    if (spec.convergent && !spec.derived)
+      throw invalid("convergent encryption requires derivation to be enabled (set derived)", "invalid_argument");
+    if (spec.derived) {
+      if (*type == KeyType::ed25519)
+        throw invalid("derived ed25519 keys are not supported: Vault derives an Ed25519 private key from the key "
+                      "material in software, which a token-resident key does not allow", "unsupported_operation");
+      if (!is_aes(*type))
+        throw invalid("key derivation is only for encryption keys (aes128-gcm96, aes256-gcm96), not " + spec.type,
+                      "unsupported_operation");
+      if (!token_.has_mechanism(CKM_AES_ECB_ENCRYPT_DATA))
+        throw invalid("the token's PKCS#11 module offers no CKM_AES_ECB_ENCRYPT_DATA, which key derivation needs",
+                      "mechanism_unavailable");
+      if (spec.convergent && !token_.has_mechanism(CKM_SHA256_HMAC))
+        throw invalid("the token's PKCS#11 module offers no CKM_SHA256_HMAC, which convergent encryption needs",
+                      "mechanism_unavailable");
+    }
     if (spec.material) check_material(*type, *spec.material);
     std::lock_guard<std::mutex> lk(write_mu_);
     if (auto existing = load(KeyRef{ref.ns, ref.name})) return CreateResult{existing->record(), false};
@@ -398,6 +501,8 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
     rec.imported = spec.material != nullptr;
     rec.exportable = *type == KeyType::standard || spec.exportable;
     if (*type == KeyType::hmac) rec.key_size = spec.key_size != 0 ? spec.key_size : 32;
+    rec.derived = spec.derived;
+    rec.convergent = spec.convergent;
     Key draft(rec);
     auto v1 = new_version(draft, 1, spec.material);
     rec.versions[1] = v1;
@@ -559,48 +664,75 @@ store::KeyRecord KeyService::delete_key(const KeyRef& ref, bool require_deletion
 }
 
 Sealed KeyService::encrypt(const KeyRef& ref, const uint8_t* plaintext, size_t len, int key_version,
-                           const std::vector<uint8_t>& aad) {
+                           const std::vector<uint8_t>& aad, const std::vector<uint8_t>& context) {
   return guarded([&] {
     auto key = load_for_use(ref);
     key->require_state_for(KeyUse::encrypt, now_seconds());
     const auto& v = key->encryption_version(key_version);
-    auto iv = new_iv();
-    auto sealed = token_.aes_gcm_encrypt(material_handle(*key, v), iv, aad, plaintext, len);
+    if (!key->record().derived) {
+      auto iv = new_iv();
+      auto sealed = token_.aes_gcm_encrypt(material_handle(*key, v), iv, aad, plaintext, len);
+      usage_.record(ref.ns, key->record().id);  // BYOK IN_USE
+      return Sealed{format_transit_ciphertext(v.version, iv, sealed), v.version};
+    }
+    auto handle = derived_handle(*key, v, context, false);
+    std::vector<uint8_t> iv;
+    if (key->record().convergent) {
+      // The nonce is an HMAC, in the token, of the associated data and the plaintext under a
+      // second key derived from the context: same inputs, same ciphertext; a different AAD
+      // never reuses a nonce.
+      std::vector<uint8_t> input(8);
+      uint64_t n = aad.size();
+      for (int i = 7; i >= 0; --i, n >>= 8) input[i] = static_cast<uint8_t>(n & 0xff);
+      input.insert(input.end(), aad.begin(), aad.end());
+      input.insert(input.end(), plaintext, plaintext + len);
+      auto mac = token_.hmac(derived_handle(*key, v, context, true), CKM_SHA256_HMAC, input.data(), input.size());
+      OPENSSL_cleanse(input.data(), input.size());
+      iv.assign(mac.begin(), mac.begin() + 12);
+    } else {
+      iv = new_iv();
+    }
+    auto sealed = token_.aes_gcm_encrypt(handle, iv, aad, plaintext, len);
+    usage_.record(ref.ns, key->record().id);  // BYOK IN_USE
     return Sealed{format_transit_ciphertext(v.version, iv, sealed), v.version};
   });
 }
 
 hsm::SecureBytes KeyService::decrypt(const KeyRef& ref, const std::string& ciphertext,
-                                     const std::vector<uint8_t>& aad) {
+                                     const std::vector<uint8_t>& aad, const std::vector<uint8_t>& context) {
   return guarded([&] {
     auto key = load_for_use(ref);
     key->require_state_for(KeyUse::decrypt, now_seconds());
     auto ct = parse_transit_ciphertext(ciphertext);
     const auto& v = key->decryption_version(ct.version);
-    auto pt = token_.aes_gcm_decrypt(material_handle(*key, v), ct.iv, aad, ct.sealed.data(), ct.sealed.size());
+    auto handle = key->record().derived ? derived_handle(*key, v, context, false) : material_handle(*key, v);
+    auto pt = token_.aes_gcm_decrypt(handle, ct.iv, aad, ct.sealed.data(), ct.sealed.size());
     if (!pt) throw invalid("invalid ciphertext: message authentication failed", "decryption_failed");
+    usage_.record(ref.ns, key->record().id);  // BYOK IN_USE
     return std::move(*pt);
   });
 }
 
 Sealed KeyService::rewrap(const KeyRef& ref, const std::string& ciphertext, int key_version,
-                          const std::vector<uint8_t>& aad) {
+                          const std::vector<uint8_t>& aad, const std::vector<uint8_t>& context) {
   return guarded([&] {
-    auto pt = decrypt(ref, ciphertext, aad);
-    return encrypt(ref, pt.data(), pt.size(), key_version, aad);
+    auto pt = decrypt(ref, ciphertext, aad, context);
+    return encrypt(ref, pt.data(), pt.size(), key_version, aad, context);
   });
 }
 
-DataKey KeyService::generate_data_key(const KeyRef& ref, int bits, int key_version) {
+DataKey KeyService::generate_data_key(const KeyRef& ref, int bits, int key_version,
+                                      const std::vector<uint8_t>& context) {
   return guarded([&] {
     if (bits != 128 && bits != 256 && bits != 512)
       throw invalid("invalid bits " + std::to_string(bits) + ": bits must be 128, 256 or 512", "invalid_bits");
     auto key = load_for_use(ref);
     key->require_state_for(KeyUse::encrypt, now_seconds());
     key->encryption_version(key_version);  // refuse before drawing randomness
+    if (key->record().derived && context.empty()) derived_handle(*key, key->encryption_version(key_version), context, false);
     DataKey dk;
     dk.plaintext = token_.random_secret(static_cast<size_t>(bits / 8));
-    dk.sealed = encrypt(ref, dk.plaintext.data(), dk.plaintext.size(), key_version);
+    dk.sealed = encrypt(ref, dk.plaintext.data(), dk.plaintext.size(), key_version, {}, context);
     return dk;
   });
 }
@@ -611,6 +743,9 @@ std::shared_ptr<const Key> KeyService::load_wrapping_key(const KeyRef& ref, KeyU
   if (!is_aes(key->type()))
     throw invalid("key \"" + ref.name + "\" is a standard key; wrap, unwrap and rewrap need a root key",
                   "unsupported_operation");
+  if (key->record().derived)
+    throw invalid("key \"" + ref.name + "\" is a derived transit key: it encrypts only with a context, through "
+                  "transit", "unsupported_operation");
   require_aes_gcm();
   return key;
 }
@@ -647,6 +782,7 @@ WrapResult KeyService::wrap(const KeyRef& ref, const hsm::SecureBytes* plaintext
       plaintext = &*out.generated;
     }
     out.wrapped = wrap_with(*key, plaintext->data(), plaintext->size(), aad);
+    usage_.record(ref.ns, key->record().id);  // BYOK IN_USE
     return out;
   });
 }
@@ -662,6 +798,7 @@ UnwrapResult KeyService::unwrap(const KeyRef& ref, const std::string& ciphertext
     if (!pt)
       throw invalid("invalid ciphertext: it was not wrapped by this key with this aad, or it was altered",
                     "decryption_failed");
+    usage_.record(ref.ns, key->record().id);  // BYOK IN_USE
     UnwrapResult out;
     out.plaintext = std::move(*pt);
     out.version = v.version;
@@ -747,6 +884,7 @@ SignResult KeyService::sign(const KeyRef& ref, const std::vector<uint8_t>& input
       }
     }
     if (encoded.empty()) encoded = encoding::base64_encode(sig);
+    usage_.record(ref.ns, key->record().id);  // BYOK IN_USE
     return SignResult{"vault:v" + std::to_string(v.version) + ":" + encoded, v.version};
   });
 }
@@ -786,7 +924,8 @@ SignResult KeyService::hmac(const KeyRef& ref, const std::vector<uint8_t>& input
     key->require_state_for(KeyUse::encrypt, now_seconds());
     int version = key->encryption_version(key_version).version;
     auto handle = hmac_handle(ref, key, version);
-    auto mac = token_.hmac(handle, mech, input.data(), input.size());
+    auto mac = token_hmac(token_, handle, mech, input, algorithm);
+    usage_.record(ref.ns, key->record().id);  // BYOK IN_USE
     return SignResult{"vault:v" + std::to_string(version) + ":" + encoding::base64_encode(mac), version};
   });
 }
@@ -804,7 +943,7 @@ bool KeyService::verify_hmac(const KeyRef& ref, const std::vector<uint8_t>& inpu
     auto expected = encoding::base64_decode(payload);
     if (!expected) throw invalid("invalid hmac: it is not valid base64");
     auto handle = hmac_handle(ref, key, version);
-    auto mac = token_.hmac(handle, mech, input.data(), input.size());
+    auto mac = token_hmac(token_, handle, mech, input, algorithm);
     return mac.size() == expected->size() && CRYPTO_memcmp(mac.data(), expected->data(), mac.size()) == 0;
   });
 }
@@ -870,7 +1009,7 @@ std::vector<uint8_t> KeyService::random_bytes(size_t n) {
   return guarded([&] { return token_.random(n); });
 }
 
-SweepReport KeyService::sweep() {
+SweepReport KeyService::sweep(int64_t min_intent_age_s) {
   return guarded([&] {
     std::lock_guard<std::mutex> lk(write_mu_);
     SweepReport report;
@@ -884,8 +1023,10 @@ SweepReport KeyService::sweep() {
     for (const auto& o : objects) present.insert(encoding::hex_encode(o.id));
 
     std::vector<store::Intent> to_destroy;
+    const int64_t young = now_seconds() - min_intent_age_s;
     for (const auto& intent : intents) {
       intended.insert(intent.object_id);
+      if (min_intent_age_s > 0 && intent.created_at > young) continue;
       if (referenced.count(intent.object_id)) {
         store_.remove_intent(intent.object_id);
         ++report.intents_settled;
@@ -920,9 +1061,256 @@ SweepReport KeyService::sweep() {
 Health KeyService::health() {
   Health h;
   h.token = token_.pool().probe();
+  try {
+    store_.schema_version();  // one round trip: answers only while the database does
+  } catch (const std::exception& e) {
+    h.store_reachable = false;
+    h.store_error = "the metadata store is unavailable";
+    log::warn(std::string("health: ") + e.what());
+  }
   std::lock_guard<std::mutex> lk(missing_mu_);
   h.missing_objects = missing_;
   return h;
+}
+
+}  // namespace p11kms::keys
+
+// -- Vault's secure import (BYOK) and trim ----------------------------------------------------
+
+namespace p11kms::keys {
+namespace {
+
+CK_MECHANISM_TYPE oaep_hash_of(const std::string& name) {
+  std::string n;
+  for (char c : name) n += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  if (n == "SHA1") return CKM_SHA_1;
+  if (n == "SHA224") return CKM_SHA224;
+  if (n == "SHA256") return CKM_SHA256;
+  if (n == "SHA384") return CKM_SHA384;
+  if (n == "SHA512") return CKM_SHA512;
+  throw invalid("unsupported hash_function \"" + name + "\": use SHA1, SHA224, SHA256, SHA384 or SHA512");
+}
+
+}  // namespace
+
+// The transit wrapping key: an RSA-4096 pair made in the token on first use; its CKA_ID and
+// public PEM are one setting, written only if absent, so concurrent instances agree on one key
+// (a loser destroys its own).
+const hsm::ObjectId& KeyService::wrapping_key() {
+  std::lock_guard<std::mutex> lk(master_mu_);
+  if (!wrapping_key_id_.empty()) return wrapping_key_id_;
+  const char* setting = "keys.transit_wrapping_key";
+  auto value = store_.get_setting(setting);
+  if (!value) {
+    auto id = token_.new_object_id();
+    auto spki = token_.generate_wrapping_key_pair(id, "p11kms-system/transit-wrapping-key", 4096);
+    std::string mine = encoding::hex_encode(id) + "\n" + public_key_pem(spki);
+    value = store_.put_setting_if_absent(setting, mine);
+    if (*value != mine) token_.destroy(id);
+    else log::info("keys: created the RSA-4096 wrapping key for transit imports");
+  }
+  auto id = encoding::hex_decode(value->substr(0, value->find('\n')));
+  if (!id || value->find('\n') == std::string::npos)
+    throw KeyError(ErrorKind::internal, "internal", "corrupt wrapping key setting in the store");
+  wrapping_key_id_ = *id;
+  return wrapping_key_id_;
+}
+
+std::string KeyService::wrapping_public_key() {
+  return guarded([&] {
+    wrapping_key();
+    auto value = store_.get_setting("keys.transit_wrapping_key");
+    if (!value) throw KeyError(ErrorKind::internal, "internal", "the wrapping key setting is gone");
+    return value->substr(value->find('\n') + 1);
+  });
+}
+
+// Intent first, as for generated versions; C_UnwrapKey makes the token object from the blob.
+store::VersionRecord KeyService::import_version_object(const Key& key, int version, const WrappedImport& wrapped) {
+  KeyType type = key.type();
+  auto hash = oaep_hash_of(wrapped.hash_function);
+  const auto& wrapping = wrapping_key();
+  auto id = token_.new_object_id();
+  std::string label = key.label_for(version);
+  store::VersionRecord v;
+  v.version = version;
+  v.id = uuid::new_v4();
+  v.object_id = encoding::hex_encode(id);
+  v.created_at = now_seconds();
+  store_.add_intent(store::Intent{v.object_id, label, v.created_at});
+  try {
+    if (is_asymmetric(type)) {
+      auto spec = pair_spec(type);
+      auto t = hsm::token_private_key_template(spec.kind, id, label);
+      auto made = token_.import_wrapped(wrapping, wrapped.ciphertext, hash, t, &spec);
+      v.public_key = public_key_pem(made.spki);
+    } else {
+      auto t = type == KeyType::hmac     ? hsm::token_secret_template(CKK_GENERIC_SECRET, id, label, {CKA_SIGN, CKA_VERIFY})
+               : key.record().derived ? hsm::token_secret_template(CKK_AES, id, label, {CKA_DERIVE})
+                                      : hsm::token_secret_template(CKK_AES, id, label, {CKA_ENCRYPT, CKA_DECRYPT});
+      auto made = token_.import_wrapped(wrapping, wrapped.ciphertext, hash, t, nullptr,
+                                        type == KeyType::hmac ? 0 : key_type_bytes(type));
+      bool ok = type == KeyType::hmac ? made.value_len >= 16 && made.value_len <= 519
+                                      : made.value_len == key_type_bytes(type);
+      if (!ok)
+        throw invalid("invalid import: the unwrapped key is " + std::to_string(made.value_len) + " bytes, which is not a " +
+                          key_type_name(type) + " key (" +
+                          (type == KeyType::hmac ? std::string("16 to 512 bytes")
+                                                 : std::to_string(key_type_bytes(type)) + " bytes") + ")",
+                      "invalid_payload");
+    }
+  } catch (...) {
+    try {
+      token_.destroy(id);
+      store_.remove_intent(v.object_id);
+    } catch (...) {
+      // The intent stays; the sweeper removes the object later.
+    }
+    throw;
+  }
+  return v;
+}
+
+CreateResult KeyService::import_key(const KeyRef& ref, const KeySpec& spec, const WrappedImport& wrapped) {
+  return guarded([&] {
+    validate_name(ref.name);
+    auto type = parse_key_type(spec.type);
+    if (!type || *type == KeyType::standard)
+      throw invalid("unknown key type \"" + spec.type + "\": type must be one of " + supported_key_types(), "invalid_type");
+    oaep_hash_of(wrapped.hash_function);
+    if (wrapped.ciphertext.empty()) throw invalid("missing ciphertext: the wrapped key to import");
+    if (!token_.has_mechanism(CKM_AES_KEY_WRAP_PAD) || !token_.has_mechanism(CKM_RSA_PKCS_OAEP))
+      throw invalid("the token's PKCS#11 module offers no CKM_AES_KEY_WRAP_PAD or CKM_RSA_PKCS_OAEP, which imports need",
+                    "mechanism_unavailable");
+    if (is_aes(*type)) require_aes_gcm();
+    if (spec.convergent && !spec.derived) throw invalid("convergent encryption requires derivation to be enabled (set derived)");
+    if (spec.derived && !is_aes(*type))
+      throw invalid("key derivation is only for encryption keys (aes128-gcm96, aes256-gcm96), not " + spec.type,
+                    "unsupported_operation");
+    if (*type == KeyType::ed25519 && !spec.exportable)
+      throw invalid("importing a non-exportable ed25519 key is not possible with this token: its PKCS#11 module "
+                    "cannot unwrap Ed25519 private keys (SoftHSM: CKR_FUNCTION_FAILED); import it with exportable "
+                    "set, or use another key type", "mechanism_unavailable");
+    std::lock_guard<std::mutex> lk(write_mu_);
+    if (load(KeyRef{ref.ns, ref.name}))
+      throw invalid("key \"" + ref.name + "\" already exists: the import path cannot be used with an existing key; "
+                    "use import_version to add a version to an imported key", "key_exists");
+    if (alias_target(ref.ns, ref.name))
+      throw conflict("\"" + ref.name + "\" is already an alias of another key in this namespace", "name_in_use");
+    store::KeyRecord rec;
+    rec.id = uuid::new_v4();
+    rec.ns = ref.ns;
+    rec.name = ref.name;
+    rec.type = key_type_name(*type);
+    rec.created_at = rec.updated_at = now_seconds();
+    rec.created_by = spec.created_by;
+    rec.imported = true;
+    rec.exportable = spec.exportable;
+    rec.derived = spec.derived;
+    rec.convergent = spec.convergent;
+    Key draft(rec);
+    store::VersionRecord v1;
+    if (spec.exportable) {
+      // Its owner may read it anyway: unwrapped in the token into a short-lived session object,
+      // read once and sealed under the master key like any exportable key's material.
+      auto material = token_.import_wrapped_material(wrapping_key(), wrapped.ciphertext, oaep_hash_of(wrapped.hash_function));
+      if (*type == KeyType::hmac && (material.size() < 16 || material.size() > 512))
+        throw invalid("invalid import: an hmac key must be 16 to 512 bytes, not " + std::to_string(material.size()),
+                      "invalid_payload");
+      check_material(*type, material);
+      if (*type == KeyType::hmac) rec.key_size = static_cast<int>(material.size());
+      v1 = new_version(draft, 1, &material);
+    } else {
+      v1 = import_version_object(draft, 1, wrapped);
+      if (*type == KeyType::hmac) rec.key_size = 0;  // set below from the object
+    }
+    rec.versions[1] = v1;
+    try {
+      store_.create_key(rec);
+    } catch (...) {
+      discard_version(v1);
+      throw;
+    }
+    invalidate(ref);
+    log::info("keys: imported key " + ref.ns + "/" + ref.name + " (" + rec.type + ")");
+    return CreateResult{rec, true};
+  });
+}
+
+store::KeyRecord KeyService::import_key_version(const KeyRef& ref, const WrappedImport& wrapped) {
+  return guarded([&] {
+    oaep_hash_of(wrapped.hash_function);
+    if (wrapped.ciphertext.empty()) throw invalid("missing ciphertext: the wrapped key to import");
+    std::lock_guard<std::mutex> lk(write_mu_);
+    auto key = load_existing(ref);
+    key->require_state_for(KeyUse::rotate, now_seconds());
+    KeyType type = key->type();
+    if (!key->record().imported || type == KeyType::standard)
+      throw invalid("key \"" + ref.name + "\" was not imported: import_version is only for imported keys "
+                    "(a generated key gets new versions from rotate)", "unsupported_operation");
+    if (type == KeyType::ed25519 && !key->record().exportable)
+      throw invalid("the token's PKCS#11 module cannot unwrap Ed25519 private keys", "mechanism_unavailable");
+    int next = key->latest_version() + 1;
+    store::VersionRecord v;
+    if (key->record().exportable) {
+      auto material = token_.import_wrapped_material(wrapping_key(), wrapped.ciphertext, oaep_hash_of(wrapped.hash_function));
+      if (type == KeyType::hmac && (material.size() < 16 || material.size() > 512))
+        throw invalid("invalid import: an hmac key must be 16 to 512 bytes, not " + std::to_string(material.size()),
+                      "invalid_payload");
+      check_material(type, material);
+      v = new_version(*key, next, &material);
+    } else {
+      v = import_version_object(*key, next, wrapped);
+    }
+    try {
+      store_.add_version(ref.ns, ref.name, v);
+    } catch (...) {
+      discard_version(v);
+      throw;
+    }
+    invalidate(ref);
+    log::info("keys: imported version " + std::to_string(next) + " of " + ref.ns + "/" + ref.name);
+    return load_existing(ref)->record();
+  });
+}
+
+}  // namespace p11kms::keys
+
+namespace p11kms::keys {
+
+store::KeyRecord KeyService::trim_key(const KeyRef& ref, int min_available_version) {
+  return guarded([&] {
+    std::lock_guard<std::mutex> lk(write_mu_);
+    auto key = load_existing(ref);
+    const auto& r = key->record();
+    int n = min_available_version;
+    if (n <= 0) throw invalid("min_available_version must be a positive version number", "invalid_argument");
+    if (r.min_encryption_version == 0)
+      throw invalid("min_encryption_version must be set (it is 0, the latest) before trimming: set it with the key's "
+                    "config, at least " + std::to_string(n));
+    if (n > r.min_decryption_version)
+      throw invalid("min_available_version (" + std::to_string(n) + ") cannot be greater than min_decryption_version (" +
+                    std::to_string(r.min_decryption_version) + ")");
+    if (n > r.min_encryption_version)
+      throw invalid("min_available_version (" + std::to_string(n) + ") cannot be greater than min_encryption_version (" +
+                    std::to_string(r.min_encryption_version) + ")");
+    if (n < r.min_available_version)
+      throw invalid("min_available_version cannot be decreased: it is " + std::to_string(r.min_available_version));
+    auto intents = store_.trim_versions(ref.ns, ref.name, n);
+    invalidate(ref);
+    for (const auto& [number, v] : r.versions)
+      if (number < n) {
+        try {
+          token_.drop_session_objects(hsm::ObjectId(v.id.begin(), v.id.end()));
+        } catch (const std::exception&) {
+          // Session objects die with their sessions; the store no longer names this version.
+        }
+      }
+    destroy_for_intents(intents);
+    log::info("keys: trimmed key " + ref.ns + "/" + ref.name + " below v" + std::to_string(n) + " (" +
+              std::to_string(intents.size()) + " token objects)");
+    return load_existing(ref)->record();
+  });
 }
 
 }  // namespace p11kms::keys

@@ -15,6 +15,7 @@
 #include "hsm/token.hpp"
 #include "keys/key.hpp"
 #include "keys/signing.hpp"
+#include "keys/usage_tracker.hpp"
 #include "store/metadata_store.hpp"
 
 namespace p11kms::keys {
@@ -37,6 +38,18 @@ struct KeySpec {
   // Transit: material kept sealed under the master key (and exportable), not a token object.
   bool exportable = false;
   int key_size = 0;  // hmac keys: bytes, 16 to 512 (0 = 32)
+  // Transit: every encryption needs a context, from which the token derives the key
+  // (C_DeriveKey); convergent (requires derived): the nonce is computed in the token too, so the
+  // same plaintext and context give the same ciphertext.
+  bool derived = false;
+  bool convergent = false;
+};
+
+// Vault's secure import: `ciphertext` = RSA-OAEP(ephemeral AES-256 key) || AES-KWP(material)
+// under the transit wrapping key; hash_function is the OAEP and MGF1 hash.
+struct WrappedImport {
+  std::vector<uint8_t> ciphertext;
+  std::string hash_function = "SHA256";  // SHA1, SHA224, SHA256, SHA384, SHA512
 };
 
 // A transit signature or HMAC: "vault:v<N>:<base64>".
@@ -76,6 +89,10 @@ struct UnwrapResult {
 
 struct ServiceLimits {
   size_t max_key_name_length = 128;
+  // Cache key metadata in memory. Only safe when this process is the store's only writer
+  // (SQLite); with a shared PostgreSQL every operation reads the store, so another instance's
+  // rotation or deletion is seen by the next request (read-your-writes across instances).
+  bool cache_metadata = true;
 };
 
 struct CreateResult {
@@ -107,6 +124,8 @@ struct SweepReport {
 
 struct Health {
   hsm::PoolStatus token;
+  bool store_reachable = true;
+  std::string store_error;  // why not, when it is not
   std::vector<MissingObject> missing_objects;
 };
 
@@ -117,7 +136,8 @@ class KeyService {
   // Creates the key unless one of that name is live (then created = false, nothing changes).
   CreateResult create_key(const KeyRef& ref, const KeySpec& spec);
   // Transit's create: only the types transit offers.
-  CreateResult create_key(const KeyRef& ref, const std::string& type, const std::string& created_by = "");
+  CreateResult create_key(const KeyRef& ref, const std::string& type, const std::string& created_by = "",
+                          bool derived = false, bool convergent = false);
   store::KeyRecord read_key(const KeyRef& ref);
   bool key_exists(const KeyRef& ref);
   std::vector<std::string> list_keys(const std::string& ns);
@@ -167,13 +187,27 @@ class KeyService {
   // Unwraps and wraps again under the latest version; the plaintext stays inside.
   UnwrapResult rewrap_wrapped(const KeyRef& ref, const std::string& ciphertext, const std::vector<std::string>& aad);
 
+  // `context`: required by derived keys (400 without it), ignored by the others, as in Vault.
   Sealed encrypt(const KeyRef& ref, const uint8_t* plaintext, size_t len, int key_version,
-                 const std::vector<uint8_t>& aad = {});
+                 const std::vector<uint8_t>& aad = {}, const std::vector<uint8_t>& context = {});
   hsm::SecureBytes decrypt(const KeyRef& ref, const std::string& ciphertext,
-                           const std::vector<uint8_t>& aad = {});
+                           const std::vector<uint8_t>& aad = {}, const std::vector<uint8_t>& context = {});
   Sealed rewrap(const KeyRef& ref, const std::string& ciphertext, int key_version,
-                const std::vector<uint8_t>& aad = {});
-  DataKey generate_data_key(const KeyRef& ref, int bits, int key_version);
+                const std::vector<uint8_t>& aad = {}, const std::vector<uint8_t>& context = {});
+  DataKey generate_data_key(const KeyRef& ref, int bits, int key_version, const std::vector<uint8_t>& context = {});
+
+  // Vault's secure import (transit/wrapping_key, keys/:name/import, import_version). The public
+  // half (PEM) of the token's RSA-4096 wrapping key, made on first use.
+  std::string wrapping_public_key();
+  // A new key from wrapped material; 400 if the name is taken or the blob does not open (and
+  // nothing is left on the token).
+  CreateResult import_key(const KeyRef& ref, const KeySpec& spec, const WrappedImport& wrapped);
+  // A new version of an imported key from wrapped material.
+  store::KeyRecord import_key_version(const KeyRef& ref, const WrappedImport& wrapped);
+  // Vault's trim: destroys the versions below min_available_version (their token objects, HMAC
+  // keys and sealed material); it must not exceed min_decryption_version nor
+  // min_encryption_version, which must be set.
+  store::KeyRecord trim_key(const KeyRef& ref, int min_available_version);
 
   // Transit signing with an asymmetric key's version (0 = latest), in the token.
   SignResult sign(const KeyRef& ref, const std::vector<uint8_t>& input, const SignOptions& options, int key_version);
@@ -191,10 +225,23 @@ class KeyService {
   std::vector<uint8_t> random_bytes(size_t n);
 
   // Settles creation/deletion intents left by a crash; checks every version has its object.
-  SweepReport sweep();
+  // Intents younger than min_intent_age_s are left alone: with a shared store they may belong
+  // to another instance that is creating that object right now.
+  SweepReport sweep(int64_t min_intent_age_s = 0);
   Health health();
 
   void validate_name(const std::string& name) const;
+
+  // BYOK: when each key last served a client's cryptographic operation (every encrypt,
+  // decrypt, rewrap, datakey, sign, hmac, wrap, unwrap and rewrap records here).
+  UsageTracker& usage() { return usage_; }
+  // BYOK validation (key_probe.cpp): a wrap/unwrap round trip of a fresh random DEK with the
+  // root key (ns, key id) in the token; not a use. ok = false with the reason otherwise.
+  struct ProbeResult {
+    bool ok = false;
+    std::string message;
+  };
+  ProbeResult probe_root_key(const std::string& ns, const std::string& key_id);
 
  private:
   std::shared_ptr<const Key> load(const KeyRef& ref);  // nullptr when absent
@@ -204,6 +251,12 @@ class KeyService {
   // How the token reaches a version's material: its token object, or a session object loaded
   // from the sealed material.
   hsm::KeyHandle material_handle(const Key& key, const store::VersionRecord& v);
+  // A derived key's encryption key (or, `nonce`, its convergent nonce key) for one context,
+  // derived in the token from the version's base key; 400 without a context.
+  hsm::KeyHandle derived_handle(const Key& key, const store::VersionRecord& v, const std::vector<uint8_t>& context,
+                                bool nonce);
+  const hsm::ObjectId& wrapping_key();
+  store::VersionRecord import_version_object(const Key& key, int version, const WrappedImport& wrapped);
   // The version's HMAC key, made first if it has none yet (key is reloaded then).
   hsm::KeyHandle hmac_handle(const KeyRef& ref, std::shared_ptr<const Key>& key, int version);
   void ensure_hmac_key(const KeyRef& ref, int version);
@@ -229,12 +282,14 @@ class KeyService {
   store::MetadataStore& store_;
   hsm::Token& token_;
   ServiceLimits limits_;
+  UsageTracker usage_;
 
   std::mutex write_mu_;  // serializes metadata writes (create, rotate, config, delete)
   std::mutex cache_mu_;
   std::unordered_map<std::string, std::shared_ptr<const Key>> cache_;
   std::mutex master_mu_;
   hsm::ObjectId master_key_id_;  // empty until first needed
+  hsm::ObjectId wrapping_key_id_;  // transit's import key; empty until first needed
   std::mutex missing_mu_;
   std::vector<MissingObject> missing_;
 };

@@ -16,6 +16,8 @@ auto KeyService::guarded(F&& f) -> decltype(f()) {
     return f();
   } catch (const KeyError&) {
     throw;
+  } catch (const hsm::ImportRejected& e) {
+    throw invalid(std::string("invalid import ciphertext: ") + e.what(), "invalid_ciphertext");
   } catch (const hsm::TokenUnavailable& e) {
     throw unavailable(e.what());
   } catch (const hsm::ObjectMissing& e) {

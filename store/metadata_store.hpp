@@ -88,9 +88,50 @@ struct Intent {
   int64_t created_at = 0;  // unix seconds
 };
 
+// A BYOK registry entry (Confluent-style /byok/v1/keys): a reference to a customer-managed key,
+// either a p11kms root key (kind P11kmsKey, target_key_id set) or an external cloud key kept as
+// given. Its id is never reused: deleting keeps the row with deleted_at set.
+struct ByokKeyRecord {
+  std::string id;             // "cck-" + random characters
+  std::string ns = "root";
+  std::string display_name;
+  std::string provider;       // AWS | Azure | GCP | P11KMS
+  std::string kind;           // AwsKey | AzureKey | GcpKey | P11kmsKey
+  std::string key_json;       // the key object's fields, JSON text
+  std::string target_key_id;  // P11kmsKey: the referenced p11kms key's UUID; else ""
+  std::string validation_phase = "INITIALIZING";  // INITIALIZING | VALID | INVALID
+  std::string validation_message;
+  int64_t validation_since = 0;  // unix seconds; changes only with phase or message
+  std::string validation_region;
+  int64_t created_at = 0;
+  int64_t updated_at = 0;
+  int64_t deleted_at = 0;  // 0 while live
+};
+
+// Everything a store holds, for `p11kms store copy` (and its count check).
+struct StoreSnapshot {
+  std::vector<KeyRecord> keys;  // every namespace, tombstones included, with versions
+  std::vector<Intent> intents;
+  std::vector<std::pair<std::string, std::string>> settings;
+  std::vector<ByokKeyRecord> byok_keys;  // deleted entries included
+  int64_t max_deleted_generation = 0;
+  size_t version_count() const {
+    size_t n = 0;
+    for (const auto& k : keys) n += k.versions.size();
+    return n;
+  }
+};
+
 class MetadataStore {
  public:
   virtual ~MetadataStore() = default;
+
+  // Reads everything in one transaction.
+  virtual StoreSnapshot snapshot() = 0;
+  // Writes a snapshot in one transaction, keeping ids, states, tombstones and generations.
+  // Refuses (ConflictError, nothing written) unless the store is empty or `replace`, which
+  // first removes everything it held.
+  virtual void restore(const StoreSnapshot& snapshot, bool replace) = 0;
 
   // A live key by name (tombstones are never returned here).
   virtual std::optional<KeyRecord> get_key(const std::string& ns, const std::string& name) = 0;
@@ -130,6 +171,14 @@ class MetadataStore {
   // process dies right after. Returns those intents; out_of_range if no live key has the name.
   virtual std::vector<Intent> delete_key(const std::string& ns, const std::string& name) = 0;
 
+  // Vault's trim: removes the versions below min_available_version from the live key (ns, name)
+  // and records min_available_version, bumping generation; in the same transaction it records
+  // an intent for each removed version's token objects (material and HMAC key) and returns
+  // them, so the objects are destroyed even if the process dies right after. out_of_range if
+  // there is no such live key.
+  virtual std::vector<Intent> trim_versions(const std::string& ns, const std::string& name,
+                                            int min_available_version) = 0;
+
   // Records a version's HMAC key (exactly one of hmac_object_id and hmac_sealed) and removes
   // the object's intent, bumping generation. Returns false, changing nothing, if that version
   // already has one (another writer won); out_of_range if the live key or version is absent.
@@ -157,10 +206,39 @@ class MetadataStore {
   // Free-form settings that must survive restarts (schema-independent), e.g. instance ids.
   virtual std::optional<std::string> get_setting(const std::string& name) = 0;
   virtual void put_setting(const std::string& name, const std::string& value) = 0;
+  // Writes the setting only if it has none; returns the value it has afterwards (ours, or the
+  // one another instance wrote first).
+  virtual std::string put_setting_if_absent(const std::string& name, const std::string& value) = 0;
+  // A lease for a background job that one instance at a time must run: true when `holder`
+  // holds lease `name` until now + ttl_s (taken, renewed, or taken over once expired).
+  virtual bool take_lease(const std::string& name, const std::string& holder, int64_t now, int64_t ttl_s) = 0;
   // Settings whose name starts with prefix, sorted by name.
   virtual std::vector<std::pair<std::string, std::string>> list_settings(const std::string& prefix) = 0;
   // Removes a setting; false if there was none.
   virtual bool delete_setting(const std::string& name) = 0;
+
+  // BYOK registry (schema 4). Inserts the entry unless its namespace already has
+  // max_live_in_ns live entries (then false, nothing written); ConflictError if the id was
+  // ever used (deleted entries included).
+  virtual bool create_byok_key(const ByokKeyRecord& key, size_t max_live_in_ns) = 0;
+  // An entry by id within a namespace, live or deleted (deleted_at set).
+  virtual std::optional<ByokKeyRecord> get_byok_key(const std::string& ns, const std::string& id) = 0;
+  // Live entries of a namespace with id > after_id ("" = from the start), sorted by id, at
+  // most limit of them (0 = all): keyset paging.
+  virtual std::vector<ByokKeyRecord> list_byok_keys(const std::string& ns, const std::string& after_id,
+                                                    size_t limit) = 0;
+  virtual size_t count_byok_keys(const std::string& ns) = 0;  // live entries
+  // Live entries of one kind in every namespace, sorted by (ns, id): for the validation job.
+  virtual std::vector<ByokKeyRecord> live_byok_keys_of_kind(const std::string& kind) = 0;
+  // Sets display_name and updated_at of a live entry; false if there is none.
+  virtual bool update_byok_display_name(const std::string& ns, const std::string& id, const std::string& display_name,
+                                        int64_t now) = 0;
+  // Records a validation outcome of a live entry: since becomes `now` only when the phase or
+  // the message changes; a non-empty region replaces the stored one. False if no live entry.
+  virtual bool set_byok_validation(const std::string& ns, const std::string& id, const std::string& phase,
+                                   const std::string& message, const std::string& region, int64_t now) = 0;
+  // Marks a live entry deleted (deleted_at = updated_at = now); false if there is none.
+  virtual bool delete_byok_key(const std::string& ns, const std::string& id, int64_t now) = 0;
 
   virtual int schema_version() = 0;
 };
@@ -168,5 +246,10 @@ class MetadataStore {
 // Opens (creating if needed) a SQLite database at path, in WAL mode, and applies pending
 // migrations. Throws StoreError with a clear message on failure.
 std::unique_ptr<MetadataStore> open_sqlite_store(const std::string& path);
+
+// Connects to PostgreSQL with a libpq connection string (the password from PGPASSFILE or the
+// DSN's passfile=, never argv) and applies pending migrations, one instance at a time.
+// Throws StoreError with libpq's message (which never carries the password).
+std::unique_ptr<MetadataStore> open_postgres_store(const std::string& dsn);
 
 }  // namespace p11kms::store

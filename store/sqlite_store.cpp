@@ -146,6 +146,30 @@ ALTER TABLE key_versions ADD COLUMN hmac_sealed TEXT;
 CREATE UNIQUE INDEX key_versions_hmac_object ON key_versions (hmac_object_id)
   WHERE hmac_object_id IS NOT NULL;
 )sql",
+    // 4: the BYOK key registry (/byok/v1/keys). Ids are never reused: a deleted entry keeps
+    // its row with deleted_at set. The key object is kept as JSON text; a P11kmsKey also
+    // records the referenced p11kms key's UUID.
+    R"sql(
+CREATE TABLE byok_keys (
+  id                 TEXT    PRIMARY KEY,
+  ns                 TEXT    NOT NULL,
+  display_name       TEXT    NOT NULL DEFAULT '',
+  provider           TEXT    NOT NULL,
+  kind               TEXT    NOT NULL,
+  key_json           TEXT    NOT NULL,
+  target_key_id      TEXT    NOT NULL DEFAULT '',
+  validation_phase   TEXT    NOT NULL DEFAULT 'INITIALIZING'
+                     CHECK (validation_phase IN ('INITIALIZING', 'VALID', 'INVALID')),
+  validation_message TEXT    NOT NULL DEFAULT '',
+  validation_since   INTEGER NOT NULL,
+  validation_region  TEXT    NOT NULL DEFAULT '',
+  created_at         INTEGER NOT NULL,
+  updated_at         INTEGER NOT NULL,
+  deleted_at         INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX byok_keys_ns_live ON byok_keys (ns, id) WHERE deleted_at = 0;
+CREATE INDEX byok_keys_kind_live ON byok_keys (kind, ns, id) WHERE deleted_at = 0;
+)sql",
 };
 
 constexpr int kLatestSchemaVersion = static_cast<int>(std::size(kMigrations));
@@ -402,6 +426,34 @@ void check_version(const VersionRecord& v) {
   }
 }
 
+// The columns every BYOK read selects, in the order read_byok_keys() expects.
+#define P11KMS_BYOK_COLUMNS                                                                  \
+  " id, ns, display_name, provider, kind, key_json, target_key_id, validation_phase,"        \
+  " validation_message, validation_since, validation_region, created_at, updated_at,"         \
+  " deleted_at FROM byok_keys "
+
+std::vector<ByokKeyRecord> read_byok_keys(Statement& q) {
+  std::vector<ByokKeyRecord> out;
+  while (q.step()) {
+    ByokKeyRecord& k = out.emplace_back();
+    k.id = q.text(0);
+    k.ns = q.text(1);
+    k.display_name = q.text(2);
+    k.provider = q.text(3);
+    k.kind = q.text(4);
+    k.key_json = q.text(5);
+    k.target_key_id = q.text(6);
+    k.validation_phase = q.text(7);
+    k.validation_message = q.text(8);
+    k.validation_since = q.int64(9);
+    k.validation_region = q.text(10);
+    k.created_at = q.int64(11);
+    k.updated_at = q.int64(12);
+    k.deleted_at = q.int64(13);
+  }
+  return out;
+}
+
 class SqliteStore final : public MetadataStore {
  public:
   explicit SqliteStore(const std::string& path) : path_(path), conn_(path) {
@@ -636,6 +688,45 @@ class SqliteStore final : public MetadataStore {
     return intents;
   }
 
+  std::vector<Intent> trim_versions(const std::string& ns, const std::string& name,
+                                    int min_available_version) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    std::optional<int64_t> key_id = find_key(ns, name);
+    if (!key_id) throw std::out_of_range("key '" + name + "' not found in namespace '" + ns + "'");
+    const int64_t now = now_unix();
+    std::vector<Intent> intents;
+    {
+      Statement q = conn_.prepare(
+          "SELECT version, object_id, hmac_object_id FROM key_versions"
+          " WHERE key_id = ?1 AND version < ?2 AND (object_id IS NOT NULL OR hmac_object_id IS NOT NULL)"
+          " ORDER BY version",
+          "read versions for trim");
+      q.bind(1, *key_id).bind(2, min_available_version);
+      while (q.step()) {
+        if (!q.is_null(1)) intents.push_back(Intent{q.text(1), version_label(ns, name, q.int32(0)), now});
+        if (!q.is_null(2))
+          intents.push_back(Intent{q.text(2), version_label(ns, name, q.int32(0)) + "/hmac", now});
+      }
+    }
+    for (const Intent& intent : intents) insert_intent(intent);
+    {
+      Statement q = conn_.prepare("DELETE FROM key_versions WHERE key_id = ?1 AND version < ?2", "trim versions");
+      q.bind(1, *key_id).bind(2, min_available_version);
+      q.run();
+    }
+    {
+      Statement q = conn_.prepare(
+          "UPDATE keys SET min_available_version = max(min_available_version, ?2), updated_at = ?3,"
+          "                generation = generation + 1 WHERE id = ?1",
+          "record min available version");
+      q.bind(1, *key_id).bind(2, min_available_version).bind(3, now);
+      q.run();
+    }
+    tx.commit();
+    return intents;
+  }
+
   std::vector<KeyRecord> keys_due_for_rotation(int64_t now) override {
     std::lock_guard<std::mutex> lock(mu_);
     Statement q = conn_.prepare(
@@ -745,6 +836,53 @@ class SqliteStore final : public MetadataStore {
     q.run();
   }
 
+  std::string put_setting_if_absent(const std::string& name, const std::string& value) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    {
+      Statement q = conn_.prepare(
+          "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+          "write setting if absent");
+      q.bind(1, name).bind(2, value);
+      q.run();
+    }
+    std::string stored;
+    {
+      Statement q = conn_.prepare("SELECT value FROM settings WHERE name = ?1", "read setting");
+      q.bind(1, name);
+      if (q.step()) stored = q.text(0);
+    }
+    tx.commit();
+    return stored;
+  }
+
+  // Leases are settings "lease/<name>" = "<holder> <expiry>".
+  bool take_lease(const std::string& name, const std::string& holder, int64_t now, int64_t ttl_s) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    const std::string key = "lease/" + name;
+    std::string current;
+    {
+      Statement q = conn_.prepare("SELECT value FROM settings WHERE name = ?1", "read lease");
+      q.bind(1, key);
+      if (q.step()) current = q.text(0);
+    }
+    if (!current.empty()) {
+      auto space = current.rfind(' ');
+      std::string owner = current.substr(0, space);
+      int64_t expiry = space == std::string::npos ? 0 : std::stoll(current.substr(space + 1));
+      if (owner != holder && expiry > now) return false;
+    }
+    Statement q = conn_.prepare(
+        "INSERT INTO settings (name, value) VALUES (?1, ?2)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        "write lease");
+    q.bind(1, key).bind(2, holder + " " + std::to_string(now + ttl_s));
+    q.run();
+    tx.commit();
+    return true;
+  }
+
   std::vector<std::pair<std::string, std::string>> list_settings(const std::string& prefix) override {
     std::lock_guard<std::mutex> lock(mu_);
     // substr rather than LIKE: a prefix may contain % or _.
@@ -763,6 +901,204 @@ class SqliteStore final : public MetadataStore {
     q.bind(1, name);
     q.run();
     return sqlite3_changes(conn_.handle()) > 0;
+  }
+
+
+  // -- BYOK registry (schema 4) --------------------------------------------------------------
+
+  bool create_byok_key(const ByokKeyRecord& key, size_t max_live_in_ns) override {
+    if (key.id.empty()) throw std::invalid_argument("create_byok_key: the entry has no id");
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    {
+      Statement q = conn_.prepare("SELECT 1 FROM byok_keys WHERE id = ?1", "check byok key id");
+      q.bind(1, key.id);
+      if (q.step()) throw ConflictError("byok key id " + key.id + " is already in use");
+    }
+    {
+      Statement q = conn_.prepare("SELECT count(*) FROM byok_keys WHERE ns = ?1 AND deleted_at = 0",
+                                  "count byok keys for quota");
+      q.bind(1, key.ns);
+      if (q.step() && static_cast<size_t>(q.int64(0)) >= max_live_in_ns) return false;
+    }
+    {
+      Statement q = conn_.prepare(
+          "INSERT INTO byok_keys (id, ns, display_name, provider, kind, key_json, target_key_id,"
+          "                       validation_phase, validation_message, validation_since,"
+          "                       validation_region, created_at, updated_at, deleted_at)"
+          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0)",
+          "insert byok key");
+      q.bind(1, key.id).bind(2, key.ns).bind(3, key.display_name).bind(4, key.provider);
+      q.bind(5, key.kind).bind(6, key.key_json).bind(7, key.target_key_id);
+      q.bind(8, key.validation_phase).bind(9, key.validation_message);
+      q.bind(10, key.validation_since ? key.validation_since : key.created_at);
+      q.bind(11, key.validation_region).bind(12, key.created_at);
+      q.bind(13, key.updated_at ? key.updated_at : key.created_at);
+      q.run();
+    }
+    tx.commit();
+    return true;
+  }
+
+  std::optional<ByokKeyRecord> get_byok_key(const std::string& ns, const std::string& id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("SELECT" P11KMS_BYOK_COLUMNS "WHERE ns = ?1 AND id = ?2", "read byok key");
+    q.bind(1, ns).bind(2, id);
+    auto rows = read_byok_keys(q);
+    if (rows.empty()) return std::nullopt;
+    return std::move(rows.front());
+  }
+
+  std::vector<ByokKeyRecord> list_byok_keys(const std::string& ns, const std::string& after_id,
+                                            size_t limit) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("SELECT" P11KMS_BYOK_COLUMNS
+                                "WHERE ns = ?1 AND deleted_at = 0 AND id > ?2 ORDER BY id LIMIT ?3",
+                                "list byok keys");
+    q.bind(1, ns).bind(2, after_id).bind(3, limit ? static_cast<int64_t>(limit) : int64_t{-1});
+    return read_byok_keys(q);
+  }
+
+  size_t count_byok_keys(const std::string& ns) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("SELECT count(*) FROM byok_keys WHERE ns = ?1 AND deleted_at = 0",
+                                "count byok keys");
+    q.bind(1, ns);
+    return q.step() ? static_cast<size_t>(q.int64(0)) : 0;
+  }
+
+  std::vector<ByokKeyRecord> live_byok_keys_of_kind(const std::string& kind) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("SELECT" P11KMS_BYOK_COLUMNS
+                                "WHERE kind = ?1 AND deleted_at = 0 ORDER BY ns, id",
+                                "list byok keys of a kind");
+    q.bind(1, kind);
+    return read_byok_keys(q);
+  }
+
+  bool update_byok_display_name(const std::string& ns, const std::string& id, const std::string& display_name,
+                                int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare(
+        "UPDATE byok_keys SET display_name = ?3, updated_at = ?4 WHERE ns = ?1 AND id = ?2 AND deleted_at = 0",
+        "update byok display name");
+    q.bind(1, ns).bind(2, id).bind(3, display_name).bind(4, now);
+    q.run();
+    return sqlite3_changes(conn_.handle()) > 0;
+  }
+
+  bool set_byok_validation(const std::string& ns, const std::string& id, const std::string& phase,
+                           const std::string& message, const std::string& region, int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare(
+        "UPDATE byok_keys SET"
+        "  validation_since = CASE WHEN validation_phase <> ?3 OR validation_message <> ?4"
+        "                          THEN ?6 ELSE validation_since END,"
+        "  validation_phase = ?3, validation_message = ?4,"
+        "  validation_region = CASE WHEN ?5 <> '' THEN ?5 ELSE validation_region END"
+        " WHERE ns = ?1 AND id = ?2 AND deleted_at = 0",
+        "record byok validation");
+    q.bind(1, ns).bind(2, id).bind(3, phase).bind(4, message).bind(5, region).bind(6, now);
+    q.run();
+    return sqlite3_changes(conn_.handle()) > 0;
+  }
+
+  bool delete_byok_key(const std::string& ns, const std::string& id, int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare(
+        "UPDATE byok_keys SET deleted_at = ?3, updated_at = ?3 WHERE ns = ?1 AND id = ?2 AND deleted_at = 0",
+        "delete byok key");
+    q.bind(1, ns).bind(2, id).bind(3, now);
+    q.run();
+    return sqlite3_changes(conn_.handle()) > 0;
+  }
+
+  StoreSnapshot snapshot() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);  // one consistent read
+    StoreSnapshot out;
+    {
+      Statement q = conn_.prepare("SELECT" P11KMS_KEY_COLUMNS "ORDER BY k.id, v.version", "snapshot keys");
+      out.keys = read_keys(q);
+    }
+    {
+      Statement q = conn_.prepare("SELECT object_id, label, created_at FROM intents ORDER BY object_id",
+                                  "snapshot intents");
+      while (q.step()) out.intents.push_back(Intent{q.text(0), q.text(1), q.int64(2)});
+    }
+    {
+      Statement q = conn_.prepare("SELECT name, value FROM settings ORDER BY name", "snapshot settings");
+      while (q.step()) out.settings.emplace_back(q.text(0), q.text(1));
+    }
+    {
+      Statement q = conn_.prepare("SELECT" P11KMS_BYOK_COLUMNS "ORDER BY ns, id", "snapshot byok keys");
+      out.byok_keys = read_byok_keys(q);
+    }
+    out.max_deleted_generation = max_deleted_generation();
+    tx.commit();
+    return out;
+  }
+
+  void restore(const StoreSnapshot& snap, bool replace) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    if (replace) {
+      conn_.exec("DELETE FROM key_versions; DELETE FROM keys; DELETE FROM intents; DELETE FROM settings;"
+                 " DELETE FROM byok_keys;",
+                 "clear the store");
+    } else {
+      Statement q = conn_.prepare(
+          "SELECT (SELECT count(*) FROM keys) + (SELECT count(*) FROM intents) +"
+          " (SELECT count(*) FROM settings) + (SELECT count(*) FROM byok_keys)",
+          "check the store is empty");
+      if (q.step() && q.int64(0) > 0) throw ConflictError("the target store is not empty");
+    }
+    for (const KeyRecord& k : snap.keys) {
+      {
+        Statement q = conn_.prepare(
+            "INSERT INTO keys (uuid, ns, name, type, created_at, min_decryption_version,"
+            " min_encryption_version, deletion_allowed, exportable, generation, description, expires_at,"
+            " state, imported, created_by, updated_at, deleted_at, derived, convergent, key_size,"
+            " auto_rotate_period, min_available_version)"
+            " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,"
+            "         ?20, ?21, ?22)",
+            "restore key");
+        q.bind(1, k.id).bind(2, k.ns).bind(3, k.name).bind(4, k.type).bind(5, k.created_at);
+        q.bind(6, k.min_decryption_version).bind(7, k.min_encryption_version).bind(8, k.deletion_allowed);
+        q.bind(9, k.exportable).bind(10, k.generation).bind(11, k.description).bind(12, k.expires_at);
+        q.bind(13, k.state).bind(14, k.imported).bind(15, k.created_by).bind(16, k.updated_at);
+        q.bind(17, k.deleted_at).bind(18, k.derived).bind(19, k.convergent).bind(20, k.key_size);
+        q.bind(21, k.auto_rotate_period).bind(22, k.min_available_version);
+        q.run();
+      }
+      int64_t key_id = sqlite3_last_insert_rowid(conn_.handle());
+      for (const auto& entry : k.versions) insert_version(key_id, entry.second);
+    }
+    for (const Intent& i : snap.intents) insert_intent(i);
+    for (const auto& [name, value] : snap.settings) {
+      Statement q = conn_.prepare("INSERT INTO settings (name, value) VALUES (?1, ?2)", "restore setting");
+      q.bind(1, name).bind(2, value);
+      q.run();
+    }
+    for (const ByokKeyRecord& b : snap.byok_keys) {
+      Statement q = conn_.prepare(
+          "INSERT INTO byok_keys (id, ns, display_name, provider, kind, key_json, target_key_id, validation_phase,"
+          " validation_message, validation_since, validation_region, created_at, updated_at, deleted_at)"
+          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+          "restore byok key");
+      q.bind(1, b.id).bind(2, b.ns).bind(3, b.display_name).bind(4, b.provider).bind(5, b.kind);
+      q.bind(6, b.key_json).bind(7, b.target_key_id).bind(8, b.validation_phase).bind(9, b.validation_message);
+      q.bind(10, b.validation_since).bind(11, b.validation_region).bind(12, b.created_at);
+      q.bind(13, b.updated_at).bind(14, b.deleted_at);
+      q.run();
+    }
+    {
+      Statement q = conn_.prepare("UPDATE counters SET value = ?1 WHERE name = 'max_deleted_generation'",
+                                  "restore deleted generation");
+      q.bind(1, snap.max_deleted_generation);
+      q.run();
+    }
+    tx.commit();
   }
 
   int schema_version() override {
@@ -901,6 +1237,7 @@ class SqliteStore final : public MetadataStore {
 };
 
 #undef P11KMS_KEY_COLUMNS
+#undef P11KMS_BYOK_COLUMNS
 
 }  // namespace
 

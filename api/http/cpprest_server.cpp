@@ -1,6 +1,7 @@
 // The cpprestsdk adapter. Handlers never block a listener thread on another task: the body is
 // read with a continuation and the handler runs inside it (cpprestsdk issues 1144/1452: a
 // .get() on a pool thread can starve the pool and hang the listener for good).
+#include <algorithm>
 #include <boost/asio/ssl.hpp>
 #include <cpprest/http_listener.h>
 #include <openssl/ssl.h>
@@ -94,14 +95,20 @@ class CpprestServer : public Server {
     r.method = req.method();
     const auto& uri = req.relative_uri();
     r.path = web::uri::decode(uri.path());
+    // Query strings are form-encoded: '+' is a space (as Go's and Confluent's servers read them).
+    auto form_decode = [](std::string s) {
+      std::replace(s.begin(), s.end(), '+', ' ');
+      return web::uri::decode(s);
+    };
     for (const auto& [k, v] : web::uri::split_query(uri.query()))
-      r.query.emplace_back(web::uri::decode(k), web::uri::decode(v));
+      r.query.emplace_back(form_decode(k), form_decode(v));
     header_bytes = 0;
     for (const auto& [k, v] : req.headers()) {
       header_bytes += k.size() + v.size() + 4;
       r.headers.emplace_back(k, v);
     }
     r.remote_address = req.remote_address();
+    r.tls = options_.tls.has_value();
     return r;
   }
 

@@ -21,6 +21,7 @@ struct Request {
   Headers headers;
   std::string body;
   std::string remote_address;
+  bool tls = false;  // arrived over TLS (absolute links use https)
   // Set by the adapter instead of buffering what exceeds the configured limits; the service
   // answers 413 / 431 in the dialect's own error shape.
   bool body_too_large = false;

@@ -722,3 +722,354 @@ def test_export_hmac_key_computes_the_same_hmac(client, transit, kt):
     if kt != "aes256-gcm96":
         with pytest.raises(hvac_exc.InvalidRequest):
             transit.export_key(name=name, key_type="encryption-key")
+
+
+# -- derived and convergent keys (derivation in the token) ------------------------------------
+
+def test_derived_key_requires_context_and_binds_it(transit):
+    name = new_key(transit, derived=True)
+    info = transit.read_key(name=name)["data"]
+    assert info["derived"] is True and info["convergent_encryption"] is False
+    ctx_a, ctx_b = b64("tenant-a"), b64("tenant-b")
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.encrypt_data(name=name, plaintext=b64("x"))
+    assert "context" in str(ei.value)
+    ct = transit.encrypt_data(name=name, plaintext=b64("derived secret"), context=ctx_a)["data"]["ciphertext"]
+    assert version_of(ct) == 1
+    assert unb64(transit.decrypt_data(name=name, ciphertext=ct, context=ctx_a)["data"]["plaintext"]) == b"derived secret"
+    # the wrong context derives another key: authentication fails; no context is refused
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.decrypt_data(name=name, ciphertext=ct, context=ctx_b)
+    assert "ciphertext" in str(ei.value)
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.decrypt_data(name=name, ciphertext=ct)
+    assert "context" in str(ei.value)
+    # not convergent: the same plaintext and context give different ciphertexts
+    again = transit.encrypt_data(name=name, plaintext=b64("derived secret"), context=ctx_a)["data"]["ciphertext"]
+    assert again != ct
+    # rotate, rewrap and datakey with the context
+    transit.rotate_key(name=name)
+    rewrapped = transit.rewrap_data(name=name, ciphertext=ct, context=ctx_a)["data"]["ciphertext"]
+    assert version_of(rewrapped) == 2
+    assert unb64(transit.decrypt_data(name=name, ciphertext=rewrapped, context=ctx_a)["data"]["plaintext"]) \
+        == b"derived secret"
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.rewrap_data(name=name, ciphertext=ct)
+    dk = transit.generate_data_key(name=name, key_type="plaintext", context=ctx_b)["data"]
+    assert unb64(transit.decrypt_data(name=name, ciphertext=dk["ciphertext"], context=ctx_b)["data"]["plaintext"]) \
+        == unb64(dk["plaintext"])
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.generate_data_key(name=name, key_type="wrapped")
+
+
+def test_derived_key_batch_items_carry_their_own_context(transit):
+    name = new_key(transit, derived=True)
+    items = [{"plaintext": b64("one"), "context": b64("c1")}, {"plaintext": b64("two"), "context": b64("c2")}]
+    cts = [r["ciphertext"] for r in
+           transit.encrypt_data(name=name, plaintext=None, batch_input=items)["data"]["batch_results"]]
+    ok = transit.decrypt_data(name=name, ciphertext=None, batch_input=[
+        {"ciphertext": cts[0], "context": b64("c1")}, {"ciphertext": cts[1], "context": b64("c2")}])
+    assert [unb64(r["plaintext"]) for r in ok["data"]["batch_results"]] == [b"one", b"two"]
+    # a partly failed batch is a 400 carrying every result (hvac raises it with the body)
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.decrypt_data(name=name, ciphertext=None, batch_input=[
+            {"ciphertext": cts[0], "context": b64("c1")}, {"ciphertext": cts[1], "context": b64("c1")}])
+    import json as _json
+    results = _json.loads(str(ei.value).split(", on post")[0])["data"]["batch_results"]
+    assert unb64(results[0]["plaintext"]) == b"one"
+    assert "error" in results[1] and "plaintext" not in results[1]
+
+
+def test_convergent_encryption_is_deterministic_per_context(transit):
+    name = new_key(transit, derived=True, convergent_encryption=True)
+    info = transit.read_key(name=name)["data"]
+    assert info["derived"] is True and info["convergent_encryption"] is True
+    ctx = b64("convergent context")
+    a = transit.encrypt_data(name=name, plaintext=b64("same plaintext"), context=ctx)["data"]["ciphertext"]
+    b = transit.encrypt_data(name=name, plaintext=b64("same plaintext"), context=ctx)["data"]["ciphertext"]
+    assert a == b
+    other_pt = transit.encrypt_data(name=name, plaintext=b64("other plaintext"), context=ctx)["data"]["ciphertext"]
+    other_ctx = transit.encrypt_data(name=name, plaintext=b64("same plaintext"), context=b64("x"))["data"]["ciphertext"]
+    assert len({a, other_pt, other_ctx}) == 3
+    # the nonce differs with the plaintext (no GCM nonce reuse across plaintexts)
+    assert base64.b64decode(a.split(":")[2])[:12] != base64.b64decode(other_pt.split(":")[2])[:12]
+    assert unb64(transit.decrypt_data(name=name, ciphertext=a, context=ctx)["data"]["plaintext"]) == b"same plaintext"
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.decrypt_data(name=name, ciphertext=a, context=b64("x"))
+    # after rotation the latest version encrypts, still deterministically
+    transit.rotate_key(name=name)
+    c = transit.encrypt_data(name=name, plaintext=b64("same plaintext"), context=ctx)["data"]["ciphertext"]
+    assert version_of(c) == 2 and c != a
+    assert c == transit.encrypt_data(name=name, plaintext=b64("same plaintext"), context=ctx)["data"]["ciphertext"]
+    # a caller nonce is refused: the token computes it
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.encrypt_data(name=name, plaintext=b64("x"), context=ctx, nonce=b64("123456789012"))
+    assert "nonce" in str(ei.value)
+
+
+def test_derived_and_convergent_refusals(client, transit):
+    # hvac refuses convergent without derived before sending; the server refuses it too
+    with pytest.raises(hvac_exc.ParamValidationError):
+        transit.create_key(name=unique_name("conv"), convergent_encryption=True)
+    conv = unique_name("conv")
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        client.write("transit/keys/" + conv, convergent_encryption=True)
+    assert "derived" in str(ei.value) or "derivation" in str(ei.value)
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.create_key(name=unique_name("ded"), key_type="ed25519", derived=True)
+    assert "ed25519" in str(ei.value)
+    with pytest.raises(hvac_exc.InvalidRequest):
+        client.write("transit/keys/" + unique_name("dec"), type="ecdsa-p256", derived=True)
+    with pytest.raises(hvac_exc.InvalidPath):
+        transit.read_key(name=conv)
+    # a non-derived key ignores a context, as Vault does
+    name = new_key(transit)
+    ct = transit.encrypt_data(name=name, plaintext=b64("plain"), context=b64("ignored"))["data"]["ciphertext"]
+    assert unb64(transit.decrypt_data(name=name, ciphertext=ct)["data"]["plaintext"]) == b"plain"
+
+
+def test_encrypt_upsert_with_context_creates_a_derived_key(transit):
+    name = unique_name("upsert-derived")
+    ct = transit.encrypt_data(name=name, plaintext=b64("up"), context=b64("ctx"))["data"]["ciphertext"]
+    info = transit.read_key(name=name)["data"]
+    assert info["derived"] is True and info["convergent_encryption"] is False
+    assert unb64(transit.decrypt_data(name=name, ciphertext=ct, context=b64("ctx"))["data"]["plaintext"]) == b"up"
+    conv = unique_name("upsert-conv")
+    a = transit.encrypt_data(name=conv, plaintext=b64("up"), context=b64("ctx"),
+                             convergent_encryption=True)["data"]["ciphertext"]
+    assert transit.read_key(name=conv)["data"]["convergent_encryption"] is True
+    assert a == transit.encrypt_data(name=conv, plaintext=b64("up"), context=b64("ctx"))["data"]["ciphertext"]
+
+
+def test_exportable_derived_key_exports_its_base_key(transit):
+    name = new_key(transit, derived=True, exportable=True)
+    ct = transit.encrypt_data(name=name, plaintext=b64("exp derived"), context=b64("c"))["data"]["ciphertext"]
+    assert unb64(transit.decrypt_data(name=name, ciphertext=ct, context=b64("c"))["data"]["plaintext"]) == b"exp derived"
+    keys = transit.export_key(name=name, key_type="encryption-key")["data"]["keys"]
+    base = base64.b64decode(keys["1"])
+    assert len(base) == 32
+    # the derived key is AES-ECB(base, SHA-256(label || 0 || context)), computed in the token
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    data = hashlib.sha256(b"p11kms transit derived key v1\x00c").digest()
+    enc = Cipher(algorithms.AES(base), modes.ECB()).encryptor()
+    derived = enc.update(data) + enc.finalize()
+    blob = base64.b64decode(ct.split(":")[2])
+    assert AESGCM(derived).decrypt(blob[:12], blob[12:], None) == b"exp derived"
+
+
+# -- secure import (BYOK, Vault 1.11+): the ciphertext is built with python3-cryptography ------
+
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding  # noqa: E402
+
+OAEP_HASHES = {"SHA1": hashes.SHA1, "SHA224": hashes.SHA224, "SHA256": hashes.SHA256,
+               "SHA384": hashes.SHA384, "SHA512": hashes.SHA512}
+
+
+@pytest.fixture(scope="module")
+def wrapping_pem(client):
+    # hvac 0.11.2 has no helper for transit/wrapping_key: the generic read
+    pem = client.read("transit/wrapping_key")["data"]["public_key"]
+    return pem
+
+
+def wrap_for_import(pem, material, hash_function="SHA256"):
+    pub = serialization.load_pem_public_key(pem.encode())
+    eph = os.urandom(32)
+    h = OAEP_HASHES[hash_function]()
+    rsa_part = pub.encrypt(eph, padding.OAEP(mgf=padding.MGF1(h), algorithm=h, label=None))
+    return base64.b64encode(rsa_part + aes_key_wrap_with_padding(eph, material)).decode()
+
+
+def pkcs8(private_key):
+    return private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+
+
+def status_of(resp):
+    return getattr(resp, "status_code", None)
+
+
+def test_wrapping_key_is_a_stable_rsa_4096_public_key(client, wrapping_pem):
+    pub = serialization.load_pem_public_key(wrapping_pem.encode())
+    assert isinstance(pub, rsa.RSAPublicKey) and pub.key_size == 4096
+    assert client.read("transit/wrapping_key")["data"]["public_key"] == wrapping_pem
+    assert "PRIVATE" not in wrapping_pem
+
+
+@pytest.mark.parametrize("hash_function", sorted(OAEP_HASHES))
+def test_import_aes_key_every_hash_function(client, transit, wrapping_pem, hash_function):
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    name = unique_name("imp-aes")
+    material = os.urandom(32)
+    r = client.write("transit/keys/%s/import" % name, ciphertext=wrap_for_import(wrapping_pem, material, hash_function),
+                     hash_function=hash_function, type="aes256-gcm96")
+    assert status_of(r) == 204, r
+    info = transit.read_key(name=name)["data"]
+    assert info["imported_key"] is True and info["exportable"] is False and info["latest_version"] == 1
+    # the token holds exactly the caller's key: its ciphertext opens with the material
+    ct = transit.encrypt_data(name=name, plaintext=b64("imported"))["data"]["ciphertext"]
+    blob = base64.b64decode(ct.split(":")[2])
+    assert AESGCM(material).decrypt(blob[:12], blob[12:], None) == b"imported"
+
+
+def test_import_default_hash_aes128_and_import_version(client, transit, wrapping_pem):
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    name = unique_name("imp-v")
+    m1, m2 = os.urandom(16), os.urandom(16)
+    assert status_of(client.write("transit/keys/%s/import" % name, ciphertext=wrap_for_import(wrapping_pem, m1),
+                                  type="aes128-gcm96")) == 204
+    ct1 = transit.encrypt_data(name=name, plaintext=b64("one"))["data"]["ciphertext"]
+    # rotate on an imported key is a 400; new versions come through import_version
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.rotate_key(name=name)
+    assert "import_version" in str(ei.value)
+    assert status_of(client.write("transit/keys/%s/import_version" % name,
+                                  ciphertext=wrap_for_import(wrapping_pem, m2, "SHA512"),
+                                  hash_function="SHA512")) == 204
+    info = transit.read_key(name=name)["data"]
+    assert info["latest_version"] == 2 and info["type"] == "aes128-gcm96"
+    ct2 = transit.encrypt_data(name=name, plaintext=b64("two"))["data"]["ciphertext"]
+    assert version_of(ct2) == 2
+    blob = base64.b64decode(ct2.split(":")[2])
+    assert AESGCM(m2).decrypt(blob[:12], blob[12:], None) == b"two"
+    assert unb64(transit.decrypt_data(name=name, ciphertext=ct1)["data"]["plaintext"]) == b"one"
+    # importing again under a taken name is a 400 and changes nothing
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        client.write("transit/keys/%s/import" % name, ciphertext=wrap_for_import(wrapping_pem, m1), type="aes128-gcm96")
+    assert "import_version" in str(ei.value)
+    assert transit.read_key(name=name)["data"]["latest_version"] == 2
+    # import_version is only for imported keys
+    generated = new_key(transit)
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        client.write("transit/keys/%s/import_version" % generated, ciphertext=wrap_for_import(wrapping_pem, os.urandom(32)))
+    assert "imported" in str(ei.value)
+    assert transit.read_key(name=generated)["data"]["latest_version"] == 1
+
+
+@pytest.mark.parametrize("kt", ["ecdsa-p256", "ecdsa-p384", "rsa-2048"])
+def test_import_signing_keys_pkcs8(client, transit, wrapping_pem, kt):
+    if kt.startswith("ecdsa"):
+        priv = ec.generate_private_key(ec.SECP256R1() if kt == "ecdsa-p256" else ec.SECP384R1())
+    else:
+        priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = unique_name("imp-sig")
+    assert status_of(client.write("transit/keys/%s/import" % name, type=kt,
+                                  ciphertext=wrap_for_import(wrapping_pem, pkcs8(priv)))) == 204
+    info = transit.read_key(name=name)["data"]
+    assert info["type"] == kt and info["imported_key"] is True
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    assert public_key(transit, name).public_bytes(der, spki) == priv.public_key().public_bytes(der, spki)
+    sig = sig_bytes(transit.sign_data(name=name, hash_input=b64("imported signs"))["data"]["signature"])
+    if kt.startswith("ecdsa"):
+        priv.public_key().verify(sig, b"imported signs", ec.ECDSA(hashes.SHA256()))
+    else:
+        priv.public_key().verify(sig, b"imported signs", padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                                                                     salt_length=padding.PSS.MAX_LENGTH), hashes.SHA256())
+    # the private key is never echoed back
+    assert "PRIVATE" not in repr(info)
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.export_key(name=name, key_type="signing-key")
+
+
+def test_import_hmac_key(client, transit, wrapping_pem):
+    import hmac as pyhmac
+    name = unique_name("imp-hmac")
+    material = os.urandom(64)
+    assert status_of(client.write("transit/keys/%s/import" % name, type="hmac",
+                                  ciphertext=wrap_for_import(wrapping_pem, material))) == 204
+    for algo, fn in (("sha2-256", hashlib.sha256), ("sha2-512", hashlib.sha512)):
+        mac = transit.generate_hmac(name=name, hash_input=b64("data"), algorithm=algo)["data"]["hmac"]
+        assert sig_bytes(mac) == pyhmac.new(material, b"data", fn).digest()
+
+
+def test_import_exportable_keys_export_what_was_imported(client, transit, wrapping_pem):
+    name = unique_name("imp-exp")
+    material = os.urandom(32)
+    assert status_of(client.write("transit/keys/%s/import" % name, exportable=True,
+                                  ciphertext=wrap_for_import(wrapping_pem, material, "SHA1"), hash_function="SHA1")) == 204
+    assert transit.read_key(name=name)["data"]["exportable"] is True
+    assert base64.b64decode(transit.export_key(name=name, key_type="encryption-key")["data"]["keys"]["1"]) == material
+    # ed25519: only as exportable (the module cannot unwrap Ed25519 private keys)
+    priv = ed25519.Ed25519PrivateKey.generate()
+    refused = unique_name("imp-ed")
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        client.write("transit/keys/%s/import" % refused, type="ed25519", ciphertext=wrap_for_import(wrapping_pem, pkcs8(priv)))
+    assert "ed25519" in str(ei.value).lower() or "Ed25519" in str(ei.value)
+    with pytest.raises(hvac_exc.InvalidPath):
+        transit.read_key(name=refused)
+    ed = unique_name("imp-ed")
+    assert status_of(client.write("transit/keys/%s/import" % ed, type="ed25519", exportable=True,
+                                  ciphertext=wrap_for_import(wrapping_pem, pkcs8(priv)))) == 204
+    raw = priv.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    assert base64.b64decode(transit.export_key(name=ed, key_type="signing-key")["data"]["keys"]["1"])[:32] == raw
+    sig = sig_bytes(transit.sign_data(name=ed, hash_input=b64("ed"))["data"]["signature"])
+    priv.public_key().verify(sig, b"ed")
+
+
+@pytest.mark.parametrize("case", ["tampered_kwp", "tampered_rsa", "wrong_hash", "wrong_type", "wrong_size", "short"])
+def test_bad_wrapped_import_is_a_400_and_creates_nothing(client, transit, wrapping_pem, case):
+    name = unique_name("imp-bad")
+    body = {"type": "aes256-gcm96"}
+    good = base64.b64decode(wrap_for_import(wrapping_pem, os.urandom(32)))
+    if case == "tampered_kwp":
+        blob = good[:-1] + bytes([good[-1] ^ 1])
+    elif case == "tampered_rsa":
+        blob = bytes([good[0] ^ 1]) + good[1:]
+    elif case == "wrong_hash":
+        blob = good
+        body["hash_function"] = "SHA384"
+    elif case == "wrong_type":
+        blob = base64.b64decode(wrap_for_import(wrapping_pem, pkcs8(ec.generate_private_key(ec.SECP256R1()))))
+        body["type"] = "rsa-2048"
+    elif case == "wrong_size":
+        blob = base64.b64decode(wrap_for_import(wrapping_pem, os.urandom(24)))
+    else:
+        blob = good[:100]
+    body["ciphertext"] = base64.b64encode(blob).decode()
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        client.write("transit/keys/%s/import" % name, **body)
+    assert "ciphertext" in str(ei.value) or "import" in str(ei.value)
+    with pytest.raises(hvac_exc.InvalidPath):
+        transit.read_key(name=name)
+
+
+# -- trim ------------------------------------------------------------------------------------------
+
+def test_trim_key_destroys_old_versions_with_vaults_preconditions(transit):
+    name = new_key(transit)
+    cts = {}
+    for v in range(1, 5):
+        if v > 1:
+            transit.rotate_key(name=name)
+        cts[v] = transit.encrypt_data(name=name, plaintext=b64("v%d" % v))["data"]["ciphertext"]
+    # min_encryption_version must be set first
+    transit.update_key_configuration(name=name, min_decryption_version=3)
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.trim_key(name=name, min_version=2)
+    assert "min_encryption_version" in str(ei.value)
+    transit.update_key_configuration(name=name, min_encryption_version=3)
+    for bad in (4, 0):   # above min_decryption_version; not positive
+        with pytest.raises(hvac_exc.InvalidRequest) as ei:
+            transit.trim_key(name=name, min_version=bad)
+        assert "min_available_version" in str(ei.value)
+    assert sorted(transit.read_key(name=name)["data"]["keys"], key=int) == ["1", "2", "3", "4"]
+    r = transit.trim_key(name=name, min_version=3)
+    assert isinstance(r, dict) and r["data"]["min_available_version"] == 3
+    info = transit.read_key(name=name)["data"]
+    assert sorted(info["keys"], key=int) == ["3", "4"] and info["min_available_version"] == 3
+    assert info["latest_version"] == 4
+    # the trimmed versions are gone for good, even if min_decryption_version were lowered
+    with pytest.raises(hvac_exc.InvalidRequest) as ei:
+        transit.update_key_configuration(name=name, min_decryption_version=1)
+    assert "min_available_version" in str(ei.value)
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.decrypt_data(name=name, ciphertext=cts[2])
+    assert unb64(transit.decrypt_data(name=name, ciphertext=cts[3])["data"]["plaintext"]) == b"v3"
+    # never decreased; the same value again is accepted
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.trim_key(name=name, min_version=2)
+    assert transit.trim_key(name=name, min_version=3)["data"]["min_available_version"] == 3
+    transit.rotate_key(name=name)
+    assert transit.read_key(name=name)["data"]["latest_version"] == 5

@@ -344,6 +344,53 @@ def _custody_scenario(srv):
     r = srv.request("GET", "/v1/transit/export/encryption-key/" + k256)
     assert r.status_code == 400, describe(r)
 
+    # Derived keys (the version object only derives; derived keys are session objects) and
+    # imported keys (unwrapped inside the token from Vault's BYOK format), plus a bad import
+    # that must leave nothing behind, and a trim that must destroy the trimmed versions' objects.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+    kder, kconv, kimp_aes, kimp_ec, kbad, ktrim = (unique_name(p) for p in ("cder", "cconv", "cimpa", "cimpe", "cbad", "ctrim"))
+    call(srv, "POST", "/v1/transit/keys/" + kder, {"derived": True})
+    call(srv, "POST", "/v1/transit/keys/" + kconv, {"derived": True, "convergent_encryption": True})
+    for name in (kder, kconv):
+        marker = os.urandom(24)
+        ct = encrypt(srv, name, marker, context=b64("ctx"))["ciphertext"]
+        assert unb64(call(srv, "POST", "/v1/transit/decrypt/" + name,
+                          {"ciphertext": ct, "context": b64("ctx")})["plaintext"]) == marker
+        secrets.append(("plaintext sent to derived %s" % name, marker))
+    pub = serialization.load_pem_public_key(call(srv, "GET", "/v1/transit/wrapping_key")["public_key"].encode())
+
+    def wrapped(material, h=hashes.SHA256):
+        eph = os.urandom(32)
+        secrets.append(("ephemeral import key", eph))
+        rsa_part = pub.encrypt(eph, padding.OAEP(mgf=padding.MGF1(h()), algorithm=h(), label=None))
+        return base64.b64encode(rsa_part + aes_key_wrap_with_padding(eph, material)).decode()
+    imp_aes = os.urandom(32)
+    ec_priv = ec.generate_private_key(ec.SECP256R1())
+    ec_der = ec_priv.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption())
+    secrets += [("imported transit AES key", imp_aes),
+                ("imported EC scalar", ec_priv.private_numbers().private_value.to_bytes(32, "big"))]
+    call(srv, "POST", "/v1/transit/keys/%s/import" % kimp_aes, {"ciphertext": wrapped(imp_aes)}, status=204)
+    call(srv, "POST", "/v1/transit/keys/%s/import" % kimp_ec,
+         {"ciphertext": wrapped(ec_der, hashes.SHA1), "hash_function": "SHA1", "type": "ecdsa-p256"}, status=204)
+    assert decrypt(srv, kimp_aes, encrypt(srv, kimp_aes, b"imp")["ciphertext"]) == b"imp"
+    sig = call(srv, "POST", "/v1/transit/sign/" + kimp_ec, {"input": b64("imp")})["signature"]
+    assert call(srv, "POST", "/v1/transit/verify/" + kimp_ec, {"input": b64("imp"), "signature": sig})["valid"] is True
+    bad = base64.b64decode(wrapped(os.urandom(32)))
+    r = srv.request("POST", "/v1/transit/keys/%s/import" % kbad,
+                    json={"ciphertext": base64.b64encode(bad[:-1] + bytes([bad[-1] ^ 1])).decode()})
+    assert r.status_code == 400, describe(r)
+    create(srv, ktrim)
+    rotate(srv, ktrim)
+    rotate(srv, ktrim)
+    call(srv, "POST", "/v1/transit/hmac/" + ktrim, {"input": b64("x"), "key_version": 1})
+    configure(srv, ktrim, min_decryption_version=3, min_encryption_version=3)
+    assert call(srv, "POST", "/v1/transit/keys/%s/trim" % ktrim, {"min_available_version": 3})["min_available_version"] == 3
+    types.update({kder: "aes256-gcm96", kconv: "aes256-gcm96", kimp_aes: "aes256-gcm96", kimp_ec: "ecdsa-p256",
+                  ktrim: "aes256-gcm96"})
+
     configure(srv, kgone, deletion_allowed=True)
     r = srv.request("DELETE", "/v1/transit/keys/" + kgone)
     assert r.status_code == 204, describe(r)
@@ -354,19 +401,22 @@ def _custody_scenario(srv):
 
     live = sorted(list_keys(srv))
     assert kgone not in live
-    assert set(live) == {k128, k256, krot, kroot, kimp, kstd, kec, ked, krsa, khm, kexp_ec, kexp_aes}, live
+    assert set(live) == {k128, k256, krot, kroot, kimp, kstd, kec, ked, krsa, khm, kexp_ec, kexp_aes,
+                         kder, kconv, kimp_aes, kimp_ec, ktrim}, live
     expected = set()
     for name in live:
         info = read(srv, name)
         assert info["type"] == types[name]
         # standard and exportable keys are sealed in the store, not token objects
         if info["type"] != "standard" and not info["exportable"]:
-            expected |= {(name, v, False) for v in range(1, info["latest_version"] + 1)}
+            expected |= {(name, int(v), False) for v in info["keys"]}
     expected |= {(k256, 1, True)}   # the HMAC key made by /hmac on an AES key
     assert expected == {(k128, 1, False), (k128, 2, False), (k256, 1, False), (krot, 1, False),
                         (krot, 2, False), (krot, 3, False), (kroot, 1, False), (kroot, 2, False),
                         (kimp, 1, False), (kec, 1, False), (kec, 2, False), (ked, 1, False),
-                        (krsa, 1, False), (khm, 1, False), (k256, 1, True)}
+                        (krsa, 1, False), (khm, 1, False), (k256, 1, True),
+                        (kder, 1, False), (kconv, 1, False), (kimp_aes, 1, False), (kimp_ec, 1, False),
+                        (ktrim, 3, False)}
 
     # the store, while the server runs (recent writes sit in the WAL)
     assert_absent(secrets + [("root token", srv.token.encode())], store_bytes(srv.data_dir),
@@ -423,20 +473,34 @@ def _custody_scenario(srv):
         "token key versions differ from the API's: only on token %s, missing on token %s"
         % (sorted(set(versions) - expected), sorted(expected - set(versions))))
 
+    # the system keys: the master key and the transit wrapping key (its private half unwraps;
+    # CKA_DECRYPT for raw RSA, as SoftHSM's OAEP takes only SHA-1), both non-extractable
+    wrapping = [o for o in keys if o["label"] == "p11kms-system/transit-wrapping-key"]
+    assert len(wrapping) == 1 and wrapping[0]["class"] == "CKO_PRIVATE_KEY", wrapping
+    assert wrapping[0]["CKA_UNWRAP"] is True and wrapping[0]["CKA_SIGN"] is False, wrapping
     ids = set()
     for (name, v, is_hmac), o in sorted(versions.items()):
         what = "p11kms/root/%s/v%d%s" % (name, v, "/hmac" if is_hmac else "")
         kind = "hmac" if is_hmac else types[name]
-        if kind in ("ecdsa-p384", "ed25519", "rsa-2048"):
+        if name in (kder, kconv):
+            # a derived key's version object only derives (C_DeriveKey); it never encrypts itself
+            assert o["class"] == "CKO_SECRET_KEY" and o["key_type"] == "CKK_AES", what
+            assert o["CKA_DERIVE"] is True, what
+            for attr in ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_WRAP", "CKA_UNWRAP", "CKA_SIGN", "CKA_VERIFY"):
+                assert o[attr] is False, "%s has %s true" % (what, attr)
+            kind = "derived"
+        if kind in ("ecdsa-p256", "ecdsa-p384", "ed25519", "rsa-2048"):
             # a private key that can only sign; its public half is not kept on the token
             assert o["class"] == "CKO_PRIVATE_KEY", what
-            assert o["key_type"] == {"ecdsa-p384": "CKK_EC", "ed25519": "CKK_EC_EDWARDS",
+            assert o["key_type"] == {"ecdsa-p256": "CKK_EC", "ecdsa-p384": "CKK_EC", "ed25519": "CKK_EC_EDWARDS",
                                      "rsa-2048": "CKK_RSA"}[kind], what
             assert o["CKA_SIGN"] is True, what
             for attr in ("CKA_DECRYPT", "CKA_UNWRAP", "CKA_DERIVE"):
                 assert o[attr] is False, "%s has %s true" % (what, attr)
             if kind == "rsa-2048":
                 assert o["CKA_SIGN_RECOVER"] is False, what
+        elif kind == "derived":
+            pass
         elif kind == "hmac":
             # a generic secret usable only for HMAC, at least 64 bytes (SoftHSM's minimum for sha2-512)
             assert o["class"] == "CKO_SECRET_KEY", what
@@ -448,12 +512,13 @@ def _custody_scenario(srv):
         else:
             assert o["class"] == "CKO_SECRET_KEY", what
             assert o["key_type"] == "CKK_AES", what
-            assert o["value_len"] == (16 if types[name] == "aes128-gcm96" else 32), \
+            # SoftHSM records no CKA_VALUE_LEN for an unwrapped key (the import checks the size)
+            assert o["value_len"] == (0 if name == kimp_aes else 16 if types[name] == "aes128-gcm96" else 32), \
                 "%s: CKA_VALUE_LEN %r for %s" % (what, o["value_len"], types[name])
             assert o["CKA_ENCRYPT"] is True and o["CKA_DECRYPT"] is True, what
             for attr in ("CKA_WRAP", "CKA_UNWRAP", "CKA_SIGN", "CKA_VERIFY", "CKA_DERIVE"):
                 assert o[attr] is False, "%s has %s true" % (what, attr)
-        if name != kimp:   # an imported key's value came from outside, by definition
+        if name not in (kimp, kimp_aes, kimp_ec):   # an imported key's value came from outside, by definition
             assert o["CKA_ALWAYS_SENSITIVE"] is True, what + " was not always sensitive"
             assert o["CKA_NEVER_EXTRACTABLE"] is True, what + " was extractable at some point"
         assert o["id"] and len(bytes.fromhex(o["id"])) == 16, "%s: CKA_ID %r" % (what, o["id"])

@@ -375,3 +375,36 @@ TEST(LoadConfigFile, BaseDirIsTheFilesDirectory) {
   EXPECT_EQ(c.store.path, d.path() + "/p11kms.db");
   EXPECT_THROW(app::load_config_file(d.path() + "/absent.yaml"), app::ConfigError);
 }
+
+// ---- byok: the BYOK key registry ----
+
+TEST(ParseConfig, ByokDefaults) {
+  auto c = app::parse_config(kMinimal, kBase);
+  EXPECT_EQ(c.byok.region, "local");
+  EXPECT_EQ(c.byok.validation_interval_s, 300);
+  EXPECT_EQ(c.byok.in_use_window_s, 86400);
+  EXPECT_EQ(c.byok.max_keys, 1000u);
+}
+
+TEST(ParseConfig, ByokSectionParsedWithDurations) {
+  auto c = app::parse_config(kMinimal + "byok:\n  region: eu-west-1\n  validation_interval: 30s\n"
+                                        "  in_use_window: 2h\n  max_keys: 250\n",
+                             kBase);
+  EXPECT_EQ(c.byok.region, "eu-west-1");
+  EXPECT_EQ(c.byok.validation_interval_s, 30);
+  EXPECT_EQ(c.byok.in_use_window_s, 7200);
+  EXPECT_EQ(c.byok.max_keys, 250u);
+  auto d = app::parse_config(kMinimal + "byok:\n  validation_interval: 5m\n  in_use_window: 90\n", kBase);
+  EXPECT_EQ(d.byok.validation_interval_s, 300);
+  EXPECT_EQ(d.byok.in_use_window_s, 90);
+  EXPECT_EQ(d.byok.region, "local");
+}
+
+TEST(ParseConfig, ByokBadValuesRefusedNamingTheKey) {
+  expect_config_error(kMinimal + "byok:\n  validation_interval: soon\n", "byok.validation_interval");
+  expect_config_error(kMinimal + "byok:\n  validation_interval: 0s\n", "byok.validation_interval");
+  expect_config_error(kMinimal + "byok:\n  in_use_window: 5d\n", "byok.in_use_window");
+  expect_config_error(kMinimal + "byok:\n  max_keys: 0\n", "byok.max_keys");
+  expect_config_error(kMinimal + "byok:\n  region: \"us west\"\n", "byok.region");
+  expect_config_error(kMinimal + "byok:\n  regions: x\n", "byok.regions");
+}
