@@ -319,6 +319,28 @@ def test_export_on_the_mount(transit, mp):
         transit.export_key(name=name, key_type="encryption-key")   # not on transit/
 
 
+def test_derived_and_convergent_keys_on_the_mount(transit, mp):
+    name = new_key(transit, mp, derived=True, convergent_encryption=True)
+    ctx = b64(b"tenant-7")
+    pt = b64(b"same input")
+    c1 = transit.encrypt_data(name=name, plaintext=pt, context=ctx, mount_point=mp)["data"]["ciphertext"]
+    c2 = transit.encrypt_data(name=name, plaintext=pt, context=ctx, mount_point=mp)["data"]["ciphertext"]
+    assert c1 == c2                                   # convergent: same input, same ciphertext
+    assert transit.decrypt_data(name=name, ciphertext=c1, context=ctx, mount_point=mp)["data"]["plaintext"] == pt
+    with pytest.raises(hvac_exc.InvalidRequest):
+        transit.decrypt_data(name=name, ciphertext=c1, context=b64(b"tenant-8"), mount_point=mp)
+
+
+def test_trim_on_the_mount(transit, mp):
+    name = new_key(transit, mp)
+    for _ in range(3):
+        transit.rotate_key(name=name, mount_point=mp)
+    transit.update_key_configuration(name=name, min_decryption_version=3, min_encryption_version=4, mount_point=mp)
+    transit.trim_key(name=name, min_version=3, mount_point=mp)
+    keys = transit.read_key(name=name, mount_point=mp)["data"]["keys"]
+    assert sorted(keys) == ["3", "4"]
+
+
 # -- isolation -------------------------------------------------------------------------------
 
 def test_same_name_in_two_mounts_is_two_keys(transit, mp):
