@@ -147,7 +147,7 @@ int run_server(const Config& config, const std::string& banner) {
   // within 30 s otherwise.
   keys::RotationWorker rotation(keys, *store, config.source_file.empty() ? std::chrono::seconds(1) : std::chrono::seconds(30));
   // BYOK: every P11kmsKey is validated in the token each byok.validation_interval.
-  keys::ByokValidationWorker byok_validation(byok, std::chrono::seconds(config.byok.validation_interval_s));
+  keys::ByokValidationWorker byok_validation(byok, *store, std::chrono::seconds(config.byok.validation_interval_s));
 
   for (;;) {
     int sig = 0;

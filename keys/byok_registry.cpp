@@ -176,7 +176,15 @@ const hsm::SecureBytes& ByokRegistry::page_key() {
       id = token_.new_object_id();
       // Not labelled p11kms/<ns>/...: it is no key version, and the sweep must not touch it.
       token_.generate_hmac_key(id, 32, "p11kms-system/byok-page-hmac");
-      store_.put_setting(kPageKeySetting, encoding::hex_encode(id));
+      // Instances starting together agree on the first key recorded, so page tokens made by
+      // one are accepted by the others; a loser's key is destroyed.
+      std::string stored = store_.put_setting_if_absent(kPageKeySetting, encoding::hex_encode(id));
+      if (stored != encoding::hex_encode(id)) {
+        token_.destroy(id);
+        auto theirs = encoding::hex_decode(stored);
+        if (!theirs) throw KeyError(ErrorKind::internal, "internal", "corrupt byok page key id in the store");
+        id = *theirs;
+      }
     }
     static const std::string label = "p11kms byok page tokens v1";
     auto derived = token_.hmac_sha256(id, reinterpret_cast<const uint8_t*>(label.data()), label.size());

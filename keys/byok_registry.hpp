@@ -4,6 +4,7 @@
 // api/byok_*; this is the model: ids, quota, validation phases, IN_USE, page tokens.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -16,6 +17,9 @@
 #include "hsm/secret.hpp"
 #include "hsm/token.hpp"
 #include "keys/key_service.hpp"
+#include "keys/periodic_job.hpp"
+#include "common/time.hpp"
+#include "common/uuid.hpp"
 #include "store/metadata_store.hpp"
 
 namespace p11kms::keys {
@@ -76,41 +80,24 @@ class ByokRegistry {
   hsm::SecureBytes page_key_;
 };
 
-// The background job that validates every P11kmsKey each validation_interval (the pattern of
-// RotationWorker): one thread, stopped and joined when destroyed.
+// The background job that validates every P11kmsKey each validation_interval; instances
+// sharing a store take turns through a lease (see RotationWorker).
 class ByokValidationWorker {
  public:
-  ByokValidationWorker(ByokRegistry& registry, std::chrono::milliseconds interval)
-      : registry_(registry), interval_(interval) {
-    thread_ = std::thread([this] { run(); });
-  }
-  ByokValidationWorker(const ByokValidationWorker&) = delete;
-  ByokValidationWorker& operator=(const ByokValidationWorker&) = delete;
-  ~ByokValidationWorker() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
+  ByokValidationWorker(ByokRegistry& registry, store::MetadataStore& store, std::chrono::milliseconds interval)
+      : holder_(uuid::new_v4()), job_(interval, [this, &registry, &store, interval] {
+          int64_t now = timefmt::now_unix();
+          int64_t ttl = std::max<int64_t>(3, 3 * std::chrono::duration_cast<std::chrono::seconds>(interval).count());
+          try {
+            if (store.take_lease("byok-validation", holder_, now, ttl)) registry.validate_all();  // logs its failures
+          } catch (const std::exception&) {
+            // The store is away: the next pass tries again.
+          }
+        }) {}
 
  private:
-  void run() {
-    std::unique_lock<std::mutex> lk(mu_);
-    while (!cv_.wait_for(lk, interval_, [this] { return stop_; })) {
-      lk.unlock();
-      registry_.validate_all();  // logs and survives its own failures
-      lk.lock();
-    }
-  }
-
-  ByokRegistry& registry_;
-  std::chrono::milliseconds interval_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false;
-  std::thread thread_;
+  std::string holder_;
+  PeriodicJob job_;  // last: its thread starts once holder_ exists
 };
 
 }  // namespace p11kms::keys
