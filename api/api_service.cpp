@@ -191,6 +191,7 @@ ApiService::ApiService(keys::KeyService& keys, const policy::AccessControl& acce
   dialects_.push_back(vault_dialect(version));
   dialects_.push_back(kms_dialect());
   dialects_.push_back(byok_dialect());
+  dialects_.push_back(keyring_dialect());
   if (limits_.rate_limit) rate_limiter_ = std::make_unique<policy::RateLimiter>(*limits_.rate_limit);
 }
 
@@ -376,6 +377,7 @@ http::Response ApiService::handle_dialect(const Dialect& d, const http::Request&
     ctx.ns = keyspace;
     ctx.mounts = mounts_;
     ctx.byok = byok_;
+    ctx.keyring = keyring_;
     record.ns = ns;
     if (!valid_namespace(ns))
       return d.error(400, "invalid_namespace",

@@ -44,6 +44,8 @@ class ApiService {
   void set_mounts(keys::MountRegistry* mounts) { mounts_ = mounts; }
   // The BYOK key registry the byok dialect serves (nullptr: its routes answer 503).
   void set_byok(keys::ByokRegistry* byok) { byok_ = byok; }
+  // The Kong keyring the keyring dialect serves (nullptr: its routes answer 503).
+  void set_keyring(keys::Keyring* keyring) { keyring_ = keyring; }
   // After the listener stopped accepting: waits until no request is being handled (or the
   // timeout passes), so nothing it uses (token sessions, store) is torn down under it.
   bool drain(std::chrono::milliseconds timeout);
@@ -62,6 +64,7 @@ class ApiService {
   audit::AuditSink* audit_ = nullptr;
   keys::MountRegistry* mounts_ = nullptr;
   keys::ByokRegistry* byok_ = nullptr;
+  keys::Keyring* keyring_ = nullptr;
   std::mutex inflight_mu_;
   std::condition_variable inflight_cv_;
   size_t inflight_ = 0;
@@ -72,6 +75,7 @@ void add_transit_routes(Router& router);
 void add_sys_routes(Router& router, const std::string& version);
 void add_kms_routes(Router& router);
 void add_byok_routes(Router& router);
+void add_keyring_routes(Router& router);
 // Markdown reference of a dialect's routes whose pattern starts with prefix, from the declarations.
 std::string render_route_docs(const Dialect& dialect, const std::string& prefix);
 // Markdown table of every route's policy path and capability.

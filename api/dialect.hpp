@@ -45,5 +45,6 @@ struct Dialect {
 Dialect vault_dialect(const std::string& version);  // /v1/: transit, sys, auth
 Dialect kms_dialect();                              // /kms/api/v2/: Key Protect-style keys
 Dialect byok_dialect();                             // /byok/v1/: Confluent-style BYOK key registry
+Dialect keyring_dialect();                          // /keyring: Kong's keyring (cluster strategy)
 
 }  // namespace p11kms::api

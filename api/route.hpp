@@ -19,6 +19,7 @@ namespace p11kms::keys {
 class KeyService;
 class MountRegistry;
 class ByokRegistry;
+class Keyring;
 }
 
 namespace p11kms::api {
@@ -71,6 +72,7 @@ struct Context {
   std::string tenant = "root";                // the namespace itself (X-Vault-Namespace)
   keys::MountRegistry* mounts = nullptr;
   keys::ByokRegistry* byok = nullptr;  // the BYOK key registry (byok dialect); nullptr: none
+  keys::Keyring* keyring = nullptr;    // the Kong keyring (keyring dialect); nullptr: none
   const policy::TokenEntry* token = nullptr;
   std::map<std::string, std::string> params;  // from the URL pattern
   FieldData fields;

@@ -120,6 +120,15 @@ void add_sys_routes(Router& router, const std::string& version) {
                           {"sessions_total", h.token.sessions_total},
                           {"sessions_in_use", h.token.sessions_in_use}};
                  if (!h.token.reachable) hsm["error"] = h.token.last_error;
+                 // What the module cannot do (read at connect and on every reconnect): requests
+                 // that need one of these get a 400 naming the missing mechanism.
+                 json unavailable = json::array(), missing_mechs = json::object();
+                 for (const auto& [op, mechs] : h.unavailable_operations) {
+                   unavailable.push_back(op);
+                   missing_mechs[op] = mechs;
+                 }
+                 hsm["unavailable_operations"] = unavailable;
+                 hsm["missing_mechanisms"] = missing_mechs;
                  json body{{"initialized", true},
                            {"sealed", !h.token.reachable},
                            {"standby", false},

@@ -37,6 +37,7 @@ const std::map<std::string, std::set<std::string>>& known_keys() {
       {"auth.tokens[]", {"name", "token_sha256", "policies", "namespaces", "expires", "cert_sha256"}},
       {"audit", {"path", "fail_closed", "max_bytes"}},
       {"byok", {"region", "validation_interval", "in_use_window", "max_keys"}},
+      {"keyring", {"strategy", "recipient_public_key_file", "vault"}},
       {"limits", {"max_body_bytes", "max_json_depth", "max_batch_items", "max_header_bytes",
                   "max_key_name_length", "read_timeout_s", "rate_limit"}},
   };
@@ -270,7 +271,18 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
     }
     if (a["max_bytes"]) c.audit.max_bytes = static_cast<uint64_t>(integer(a["max_bytes"], "audit.max_bytes", 1024, 1LL << 40));
   }
-  if (root["keyring"]) not_yet("keyring", "the keyring dialect");
+  if (auto k = root["keyring"]; k && !k.IsNull()) {
+    check_keys(k, "keyring", "keyring");
+    if (k["strategy"]) {
+      std::string s = str(k["strategy"], "keyring.strategy");
+      if (s == "vault") not_yet("keyring.strategy", "the vault keyring strategy");
+      if (s != "cluster") fail("keyring.strategy", "must be cluster or vault");
+    }
+    if (k["vault"]) not_yet("keyring.vault", "the vault keyring strategy");
+    if (k["recipient_public_key_file"])
+      c.keyring.recipient_public_key_file =
+          absolute(str(k["recipient_public_key_file"], "keyring.recipient_public_key_file"), base_dir);
+  }
   if (root["jwks"]) not_yet("jwks", "the jwks dialect");
   if (auto b = root["byok"]; b && !b.IsNull()) {
     check_keys(b, "byok", "byok");

@@ -51,6 +51,9 @@ struct Config {
   } audit;
   size_t http_threads = 40;
   keys::ByokOptions byok;  // byok: region, validation_interval, in_use_window, max_keys
+  struct Keyring {
+    std::string recipient_public_key_file;  // absolute after loading; empty = export answers 400
+  } keyring;
 };
 
 Config load_config_file(const std::string& path);

@@ -12,6 +12,7 @@
 #include "common/log.hpp"
 #include "hsm/token.hpp"
 #include "keys/byok_registry.hpp"
+#include "keys/keyring.hpp"
 #include "keys/key_service.hpp"
 #include "keys/rotation_worker.hpp"
 #include "store/metadata_store.hpp"
@@ -102,6 +103,17 @@ int run_server(const Config& config, const std::string& banner) {
   service.set_mounts(&mounts);
   keys::ByokRegistry byok(*store, keys, token, config.byok);
   service.set_byok(&byok);
+  keys::KeyringOptions keyring_options;
+  if (!config.keyring.recipient_public_key_file.empty()) {
+    try {
+      keyring_options.recipient_public_key_pem = read_text_file(config.keyring.recipient_public_key_file);
+    } catch (const std::exception& e) {
+      std::cerr << "p11kms: cannot start: keyring.recipient_public_key_file: " << e.what() << std::endl;
+      return 1;
+    }
+  }
+  keys::Keyring keyring(*store, keys, token, keyring_options);
+  service.set_keyring(&keyring);
   std::unique_ptr<audit::AuditLog> audit_log;
   if (!config.audit.path.empty()) {
     try {

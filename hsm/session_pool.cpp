@@ -62,17 +62,28 @@ void SessionPool::connect() {
       throw std::runtime_error("token '" + config_.token_label + "' refused the user PIN: " + rv_name(rv));
     throw TokenUnavailable("cannot log in to token '" + config_.token_label + "': " + rv_name(rv));
   }
-  std::set<CK_MECHANISM_TYPE> mechs;
+  std::shared_ptr<const Capabilities> caps;
   try {
-    mechs = module_->mechanisms(token->slot);
+    caps = std::make_shared<const Capabilities>(read_mechanisms(fn, token->slot));
   } catch (const Pkcs11Error& e) {
     close_all();
     throw TokenUnavailable(std::string("cannot read the mechanism list: ") + e.what());
   }
+  {
+    std::lock_guard<std::mutex> ck(caps_mu_);
+    bool changed = capabilities_ && capabilities_->unavailable() != caps->unavailable();
+    capabilities_ = caps;
+    if (changed) log::warn("hsm: the module's capabilities changed on reconnect");
+  }
   std::lock_guard<std::mutex> lk(mu_);
   opened_ = std::move(sessions);
   slot_ = token->slot;
-  if (mechanisms_.empty()) mechanisms_ = std::move(mechs);
+}
+
+std::shared_ptr<const Capabilities> SessionPool::capabilities() const {
+  std::lock_guard<std::mutex> lk(caps_mu_);
+  if (!capabilities_) return std::make_shared<const Capabilities>();
+  return capabilities_;
 }
 
 SessionPool::Lease SessionPool::lease() {

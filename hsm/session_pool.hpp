@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "hsm/capabilities.hpp"
 #include "hsm/errors.hpp"
 #include "hsm/module.hpp"
 #include "hsm/secret.hpp"
@@ -79,7 +80,11 @@ class SessionPool {
 
   // Bumped on every reconnect: object handles from an older generation are invalid.
   uint64_t generation();
-  const std::set<CK_MECHANISM_TYPE>& mechanisms() const { return mechanisms_; }
+  // What the module can do: its mechanisms with their flags and the capability table derived
+  // from them, read at connect and again after every reconnect (a different module or firmware
+  // may answer). Never null.
+  std::shared_ptr<const Capabilities> capabilities() const;
+  const std::string& module_path() const { return module_->path(); }
   const std::string& token_label() const { return config_.token_label; }
   CK_SLOT_ID slot();
 
@@ -91,7 +96,8 @@ class SessionPool {
 
   PoolConfig config_;
   std::unique_ptr<Module> module_;
-  std::set<CK_MECHANISM_TYPE> mechanisms_;
+  mutable std::mutex caps_mu_;
+  std::shared_ptr<const Capabilities> capabilities_;  // guarded by caps_mu_
 
   std::mutex mu_;
   std::condition_variable cv_;

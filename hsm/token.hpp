@@ -170,6 +170,20 @@ class Token {
   // The same two layers, for an exportable import (its owner may read it anyway): the material
   // is unwrapped into a short-lived session object, read and destroyed.
   SecureBytes import_wrapped_material(const ObjectId& wrapping_key, const Bytes& blob, CK_MECHANISM_TYPE oaep_hash);
+  // RSA-OAEP decryption with a persistent private key (CKA_DECRYPT) of the token (rsa_oaep.cpp):
+  // C_Decrypt with CKM_RSA_PKCS_OAEP when the module takes the hash; SoftHSM 2.6.1 answers
+  // CKR_ARGUMENTS_BAD for any hash but SHA-1 (measured), and then raw RSA (CKM_RSA_X_509) runs in
+  // the token and only the OAEP decoding here. Throws ImportRejected when it does not open.
+  // `module_oaep` (optional) tells which of the two ran.
+  SecureBytes rsa_oaep_decrypt(const ObjectId& private_key, const Bytes& ciphertext, CK_MECHANISM_TYPE oaep_hash,
+                               bool* module_oaep = nullptr);
+  // An RSA private key (PEM: PKCS#8 or PKCS#1, >= 2048 bits) put into the token as a persistent
+  // private, sensitive, non-extractable object with CKA_DECRYPT/CKA_UNWRAP only (rsa_oaep.cpp);
+  // every buffer that held it is wiped. Returns the public key as SubjectPublicKeyInfo DER.
+  // Throws std::invalid_argument if the PEM is not such a key.
+  Bytes import_rsa_decryption_key(const ObjectId& id, const std::string& label, const SecretString& pem);
+  // The modulus size in bytes of a persistent RSA private key.
+  size_t rsa_modulus_bytes(const ObjectId& private_key);
   // Drops the cached session objects (loaded or derived) whose cache id starts with `prefix`,
   // destroying them (e.g. every object of a trimmed or deleted version).
   void drop_session_objects(const ObjectId& prefix);
@@ -181,9 +195,10 @@ class Token {
   // Every secret and private key object, with id and label (one C_FindObjects pass).
   std::vector<ObjectInfo> list_key_objects();
 
-  bool has_mechanism(CK_MECHANISM_TYPE m) const { return pool_.mechanisms().count(m) != 0; }
-  // What key types need, read once from the module's mechanism list at start.
-  bool supports_aes_gcm() const { return has_mechanism(CKM_AES_GCM) && has_mechanism(CKM_AES_KEY_GEN); }
+  bool has_mechanism(CK_MECHANISM_TYPE m) const { return pool_.capabilities()->has(m); }
+  // The module's capability table (hsm/capabilities.hpp), current since the last (re)connect.
+  std::shared_ptr<const Capabilities> capabilities() const { return pool_.capabilities(); }
+  bool supports_aes_gcm() const { return pool_.capabilities()->available(CapabilityKind::operation, cap::kEncrypt); }
 
  private:
   void generate_secret(CK_MECHANISM_TYPE mechanism, class AttributeTemplate& t, const ObjectId& id);

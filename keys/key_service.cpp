@@ -8,6 +8,7 @@
 #include <cctype>
 #include <chrono>
 #include <set>
+#include <thread>
 
 #include "common/encoding.hpp"
 #include "common/log.hpp"
@@ -161,14 +162,17 @@ std::shared_ptr<const Key> KeyService::load_for_use(const KeyRef& ref) {
   if (!is_aes(k->type()))
     throw invalid("key \"" + ref.name + "\" is of type " + k->record().type + ", which does not support encryption",
                   "unsupported_operation");
-  require_aes_gcm();
+  require_aes_gcm("encrypting or decrypting with key \"" + ref.name + "\" (" + k->record().type + ")");
   return k;
 }
 
-void KeyService::require_aes_gcm() const {
-  if (!token_.supports_aes_gcm())
-    throw invalid("the token's PKCS#11 module does not offer AES-GCM (CKM_AES_GCM, CKM_AES_KEY_GEN), "
-                  "so AES keys cannot be created or used through it", "mechanism_unavailable");
+void KeyService::require_capability(hsm::CapabilityKind kind, const char* name, const std::string& what) const {
+  std::string why = token_.capabilities()->refusal(kind, name, what);
+  if (!why.empty()) throw invalid(why, "mechanism_unavailable");
+}
+
+void KeyService::require_aes_gcm(const std::string& what) const {
+  require_capability(hsm::CapabilityKind::operation, hsm::cap::kEncrypt, what);
 }
 
 std::shared_ptr<const Key> KeyService::load_existing(const KeyRef& ref) {
@@ -195,6 +199,39 @@ store::VersionRecord KeyService::create_version_object(const Key& key, int versi
   v.created_at = now_seconds();
   store_.add_intent(store::Intent{v.object_id, label, v.created_at});
   try {
+    with_generation_retries([&] { make_version_object(key, id, label, material, v); });
+  } catch (...) {
+    try {
+      token_.destroy(id);
+      store_.remove_intent(v.object_id);
+    } catch (...) {
+      // The intent stays; the sweeper removes the object later.
+    }
+    throw;
+  }
+  return v;
+}
+
+// SoftHSM under several processes sometimes answers CKR_GENERAL_ERROR to concurrent key
+// generation; a few retries (each starting clean: nothing was created) absorb that, and only a
+// persistent failure reaches the caller.
+template <typename F>
+void KeyService::with_generation_retries(F&& make) {
+  for (int attempt = 1;; ++attempt) {
+    try {
+      make();
+      return;
+    } catch (const hsm::Pkcs11Error& e) {
+      if (e.rv() != CKR_GENERAL_ERROR || attempt >= 3) throw;
+      log::warn(std::string("keys: retrying a token object creation after ") + e.what());
+      std::this_thread::sleep_for(std::chrono::milliseconds(20 * attempt));
+    }
+  }
+}
+
+void KeyService::make_version_object(const Key& key, const hsm::ObjectId& id, const std::string& label,
+                                     const hsm::SecureBytes* material, store::VersionRecord& v) {
+  {
     KeyType type = key.type();
     if (is_asymmetric(type)) {
       if (material) throw invalid("importing " + std::string(key_type_name(type)) + " keys is not supported yet");
@@ -211,16 +248,7 @@ store::VersionRecord KeyService::create_version_object(const Key& key, int versi
     } else {
       token_.generate_aes_key(id, key_type_bytes(type), label);
     }
-  } catch (...) {
-    try {
-      token_.destroy(id);
-      store_.remove_intent(v.object_id);
-    } catch (...) {
-      // The intent stays; the sweeper removes the object later.
-    }
-    throw;
   }
-  return v;
 }
 
 size_t KeyService::material_bytes(const store::KeyRecord& key) const {
@@ -378,6 +406,8 @@ void KeyService::check_material(KeyType type, const hsm::SecureBytes& material) 
 }
 
 const hsm::ObjectId& KeyService::master_key() {
+  require_capability(hsm::CapabilityKind::key_type, hsm::cap::kExportable,
+                     "sealing or opening exportable key material under the master key");
   std::lock_guard<std::mutex> lk(master_mu_);
   if (!master_key_id_.empty()) return master_key_id_;
   const char* setting = "keys.master_key_id";
@@ -448,25 +478,15 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
     auto type = parse_key_type(spec.type);
     if (!type)
       throw invalid("unknown key type \"" + spec.type + "\": type must be one of " + supported_key_types(), "invalid_type");
-    if (is_aes(*type)) require_aes_gcm();
-    if (is_asymmetric(*type)) {
-      auto ps = pair_spec(*type);
-      CK_MECHANISM_TYPE gen = ps.kind == hsm::PairKind::rsa       ? CKM_RSA_PKCS_KEY_PAIR_GEN
-                              : ps.kind == hsm::PairKind::ed25519 ? CKM_EC_EDWARDS_KEY_PAIR_GEN
-                                                                  : CKM_EC_KEY_PAIR_GEN;
-      CK_MECHANISM_TYPE sig = ps.kind == hsm::PairKind::rsa       ? CKM_RSA_PKCS
-                              : ps.kind == hsm::PairKind::ed25519 ? CKM_EDDSA
-                                                                  : CKM_ECDSA;
-      if (!token_.has_mechanism(gen) || !token_.has_mechanism(sig))
-        throw invalid("the token's PKCS#11 module cannot make or use " + spec.type + " keys (mechanism missing)",
-                      "mechanism_unavailable");
-    }
+    if (*type != KeyType::standard)
+      require_capability(hsm::CapabilityKind::key_type, key_type_name(*type), "creating a " + spec.type + " key");
+    if (*type == KeyType::standard || spec.exportable)
+      require_capability(hsm::CapabilityKind::key_type, hsm::cap::kExportable,
+                         "creating an exportable key (its material is sealed under the master key)");
     if (*type == KeyType::hmac) {
       if (spec.key_size != 0 && (spec.key_size < 16 || spec.key_size > 512))
         throw invalid("key_size must be between 16 and 512 bytes for hmac keys, not " + std::to_string(spec.key_size),
                       "invalid_key_size");
-      if (!token_.has_mechanism(CKM_GENERIC_SECRET_KEY_GEN) || !token_.has_mechanism(CKM_SHA256_HMAC))
-        throw invalid("the token's PKCS#11 module offers no HMAC", "mechanism_unavailable");
     }
     if (spec.convergent && !spec.derived)
       throw invalid("convergent encryption requires derivation to be enabled (set derived)", "invalid_argument");
@@ -477,12 +497,10 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
       if (!is_aes(*type))
         throw invalid("key derivation is only for encryption keys (aes128-gcm96, aes256-gcm96), not " + spec.type,
                       "unsupported_operation");
-      if (!token_.has_mechanism(CKM_AES_ECB_ENCRYPT_DATA))
-        throw invalid("the token's PKCS#11 module offers no CKM_AES_ECB_ENCRYPT_DATA, which key derivation needs",
-                      "mechanism_unavailable");
-      if (spec.convergent && !token_.has_mechanism(CKM_SHA256_HMAC))
-        throw invalid("the token's PKCS#11 module offers no CKM_SHA256_HMAC, which convergent encryption needs",
-                      "mechanism_unavailable");
+      require_capability(hsm::CapabilityKind::key_type, hsm::cap::kDerived, "creating a derived " + spec.type + " key");
+      if (spec.convergent)
+        require_capability(hsm::CapabilityKind::operation, hsm::cap::kConvergent,
+                           "creating a key with convergent encryption");
     }
     if (spec.material) check_material(*type, *spec.material);
     std::lock_guard<std::mutex> lk(write_mu_);
@@ -508,6 +526,15 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
     rec.versions[1] = v1;
     try {
       store_.create_key(rec);
+    } catch (const store::ConflictError&) {
+      discard_version(v1);
+      // Another instance created the name at the same moment: its key stands, and this
+      // request answers as for any existing name.
+      if (auto winner = store_.get_key(ref.ns, ref.name)) {
+        invalidate(ref);
+        return CreateResult{*winner, false};
+      }
+      throw;
     } catch (...) {
       discard_version(v1);
       throw;
@@ -586,17 +613,27 @@ store::KeyRecord KeyService::rotate_key(const KeyRef& ref, const hsm::SecureByte
       throw invalid("key \"" + ref.name + "\" was generated by the token: rotate it without a payload",
                     "payload_not_allowed");
     if (material) check_material(key->type(), *material);
-    int next = key->latest_version() + 1;
-    auto v = new_version(*key, next, material);
-    try {
-      store_.add_version(ref.ns, ref.name, v);
-    } catch (...) {
-      discard_version(v);
-      throw;
+    // Instances sharing a store may rotate the same key at once: the one whose version number
+    // is taken discards its object and tries the next number, so every rotation lands once.
+    for (int attempt = 1;; ++attempt) {
+      int next = key->latest_version() + 1;
+      auto v = new_version(*key, next, material);
+      try {
+        store_.add_version(ref.ns, ref.name, v);
+      } catch (const store::ConflictError&) {
+        discard_version(v);
+        if (attempt >= kMaxRotateAttempts) throw;
+        invalidate(ref);
+        key = load_existing(ref);
+        continue;
+      } catch (...) {
+        discard_version(v);
+        throw;
+      }
+      invalidate(ref);
+      log::info("keys: rotated key " + ref.ns + "/" + ref.name + " to v" + std::to_string(next));
+      return load_existing(ref)->record();
     }
-    invalidate(ref);
-    log::info("keys: rotated key " + ref.ns + "/" + ref.name + " to v" + std::to_string(next));
-    return load_existing(ref)->record();
   });
 }
 
@@ -746,7 +783,8 @@ std::shared_ptr<const Key> KeyService::load_wrapping_key(const KeyRef& ref, KeyU
   if (key->record().derived)
     throw invalid("key \"" + ref.name + "\" is a derived transit key: it encrypts only with a context, through "
                   "transit", "unsupported_operation");
-  require_aes_gcm();
+  require_capability(hsm::CapabilityKind::operation, hsm::cap::kWrap,
+                     std::string(use == KeyUse::encrypt ? "wrapping" : "unwrapping") + " with key \"" + ref.name + "\"");
   return key;
 }
 
@@ -843,6 +881,7 @@ SignResult KeyService::sign(const KeyRef& ref, const std::vector<uint8_t>& input
     std::string encoded;
     if (type == KeyType::ed25519) {
       if (o.prehashed) throw invalid("prehashed input is not supported for ed25519 keys (Ed25519 signs the message itself)");
+      require_capability(hsm::CapabilityKind::operation, hsm::cap::kSignEd25519, "signing with ed25519 key \"" + ref.name + "\"");
       sig = token_.sign(material_handle(*key, v), CKM_EDDSA, nullptr, 0, input.data(), input.size());
     } else if (is_ecdsa(type)) {
       if (o.marshaling_algorithm != "asn1" && o.marshaling_algorithm != "jws")
@@ -853,6 +892,7 @@ SignResult KeyService::sign(const KeyRef& ref, const std::vector<uint8_t>& input
         throw invalid("prehashed input must be " + std::to_string(n) + " bytes for " + o.hash_algorithm + ", not " +
                       std::to_string(input.size()));
       auto digest = o.prehashed ? input : hash_input(o.hash_algorithm, input);
+      require_capability(hsm::CapabilityKind::operation, hsm::cap::kSignEcdsa, "signing with ECDSA key \"" + ref.name + "\"");
       auto raw = token_.sign(material_handle(*key, v), CKM_ECDSA, nullptr, 0, digest.data(), digest.size());
       if (o.marshaling_algorithm == "jws") encoded = base64url_nopad(raw);
       else sig = ecdsa_raw_to_der(raw);
@@ -875,11 +915,13 @@ SignResult KeyService::sign(const KeyRef& ref, const std::vector<uint8_t>& input
       if (alg == "pss") {
         CK_RSA_PKCS_PSS_PARAMS params{pkcs11_hash(o.hash_algorithm), pkcs11_mgf(o.hash_algorithm), 0};
         params.sLen = pss_salt_length(o.salt_length, rsa_modulus_bits(v.public_key), digest.size());
-        if (!token_.has_mechanism(CKM_RSA_PKCS_PSS))
-          throw invalid("the token's PKCS#11 module offers no RSA-PSS", "mechanism_unavailable");
+        // CKM_RSA_PKCS_PSS over the digest computed above: the same signature as
+        // CKM_SHA*_RSA_PKCS_PSS (which p11-kit's remoting drops), the key still in the token.
+        require_capability(hsm::CapabilityKind::operation, hsm::cap::kSignRsaPss, "RSA-PSS signing with key \"" + ref.name + "\"");
         sig = token_.sign(material_handle(*key, v), CKM_RSA_PKCS_PSS, &params, sizeof params, digest.data(), digest.size());
       } else {
         auto data = o.hash_algorithm == "none" ? digest : digest_info(o.hash_algorithm, digest);
+        require_capability(hsm::CapabilityKind::operation, hsm::cap::kSignRsaPkcs1, "PKCS#1 v1.5 signing with key \"" + ref.name + "\"");
         sig = token_.sign(material_handle(*key, v), CKM_RSA_PKCS, nullptr, 0, data.data(), data.size());
       }
     }
@@ -917,7 +959,10 @@ SignResult KeyService::hmac(const KeyRef& ref, const std::vector<uint8_t>& input
                             int key_version) {
   return guarded([&] {
     auto mech = hmac_mechanism(algorithm);
-    if (!token_.has_mechanism(mech)) throw invalid("the token's PKCS#11 module offers no " + algorithm + " HMAC", "mechanism_unavailable");
+    if (!token_.capabilities()->has(mech, CKF_SIGN))
+      throw invalid("HMAC with " + algorithm + " needs " + hsm::mechanism_name(mech) +
+                    " (sign), which the token's PKCS#11 module does not offer; p11kms never does it outside the token",
+                    "mechanism_unavailable");
     auto key = load(ref);
     if (!key) throw invalid("HMAC key not found: no key named \"" + ref.name + "\"", "key_not_found");
     if (key->type() == KeyType::standard) throw invalid("key \"" + ref.name + "\" is a standard key; it has no HMAC key");
@@ -1061,6 +1106,12 @@ SweepReport KeyService::sweep(int64_t min_intent_age_s) {
 Health KeyService::health() {
   Health h;
   h.token = token_.pool().probe();
+  for (const auto& c : token_.capabilities()->table()) {
+    if (c.available()) continue;
+    std::vector<std::string> missing;
+    for (const auto& n : c.missing) missing.push_back(n.describe());
+    h.unavailable_operations.emplace_back(c.id(), std::move(missing));
+  }
   try {
     store_.schema_version();  // one round trip: answers only while the database does
   } catch (const std::exception& e) {
@@ -1179,10 +1230,10 @@ CreateResult KeyService::import_key(const KeyRef& ref, const KeySpec& spec, cons
       throw invalid("unknown key type \"" + spec.type + "\": type must be one of " + supported_key_types(), "invalid_type");
     oaep_hash_of(wrapped.hash_function);
     if (wrapped.ciphertext.empty()) throw invalid("missing ciphertext: the wrapped key to import");
-    if (!token_.has_mechanism(CKM_AES_KEY_WRAP_PAD) || !token_.has_mechanism(CKM_RSA_PKCS_OAEP))
-      throw invalid("the token's PKCS#11 module offers no CKM_AES_KEY_WRAP_PAD or CKM_RSA_PKCS_OAEP, which imports need",
-                    "mechanism_unavailable");
-    if (is_aes(*type)) require_aes_gcm();
+    require_capability(hsm::CapabilityKind::operation, hsm::cap::kImportOp, "importing a " + spec.type + " key");
+    require_capability(hsm::CapabilityKind::key_type, key_type_name(*type), "importing a " + spec.type + " key");
+    if (spec.exportable)
+      require_capability(hsm::CapabilityKind::key_type, hsm::cap::kExportable, "importing an exportable key");
     if (spec.convergent && !spec.derived) throw invalid("convergent encryption requires derivation to be enabled (set derived)");
     if (spec.derived && !is_aes(*type))
       throw invalid("key derivation is only for encryption keys (aes128-gcm96, aes256-gcm96), not " + spec.type,

@@ -127,6 +127,9 @@ struct Health {
   bool store_reachable = true;
   std::string store_error;  // why not, when it is not
   std::vector<MissingObject> missing_objects;
+  // What the token's module cannot do (hsm::Capability::id(), e.g. "key type ed25519"), with
+  // the mechanisms each one lacks.
+  std::vector<std::pair<std::string, std::vector<std::string>>> unavailable_operations;
 };
 
 class KeyService {
@@ -224,6 +227,12 @@ class KeyService {
   ExportResult export_key(const KeyRef& ref, const std::string& export_type, const std::string& version);
   std::vector<uint8_t> random_bytes(size_t n);
 
+  // Small secrets kept by registries on top of the store (the Kong keyring, keyring.cpp):
+  // AES-256-GCM under the token's master key, bound to `aad`; base64(iv || ciphertext || tag).
+  // unseal_secret: nullopt when the blob does not open (tampered, or sealed for another aad).
+  std::string seal_secret(const std::string& aad, const hsm::SecureBytes& secret);
+  std::optional<hsm::SecureBytes> unseal_secret(const std::string& aad, const std::string& sealed);
+
   // Settles creation/deletion intents left by a crash; checks every version has its object.
   // Intents younger than min_intent_age_s are left alone: with a shared store they may belong
   // to another instance that is creating that object right now.
@@ -248,6 +257,11 @@ class KeyService {
   std::shared_ptr<const Key> load_for_use(const KeyRef& ref);  // 400 when absent (Vault)
   std::shared_ptr<const Key> load_existing(const KeyRef& ref);  // 404 when absent
   store::VersionRecord create_version_object(const Key& key, int version, const hsm::SecureBytes* material);
+  void make_version_object(const Key& key, const hsm::ObjectId& id, const std::string& label,
+                           const hsm::SecureBytes* material, store::VersionRecord& v);
+  template <typename F>
+  void with_generation_retries(F&& make);
+  static constexpr int kMaxRotateAttempts = 50;
   // How the token reaches a version's material: its token object, or a session object loaded
   // from the sealed material.
   hsm::KeyHandle material_handle(const Key& key, const store::VersionRecord& v);
@@ -274,7 +288,10 @@ class KeyService {
   void drop_aliases_of(const std::string& ns, const std::string& key_id) noexcept;
   Wrapped wrap_with(const Key& key, const uint8_t* plaintext, size_t len, const std::vector<std::string>& aad);
   void invalidate(const KeyRef& ref);
-  void require_aes_gcm() const;
+  // 400 mechanism_unavailable naming `what` and the missing mechanisms when the module's
+  // capability table (hsm/capabilities.hpp) lacks the capability; never a fallback outside it.
+  void require_capability(hsm::CapabilityKind kind, const char* name, const std::string& what) const;
+  void require_aes_gcm(const std::string& what = "encrypting or decrypting with an AES-GCM key") const;
   void destroy_for_intents(const std::vector<store::Intent>& intents);
   template <typename F>
   auto guarded(F&& f) -> decltype(f());

@@ -23,6 +23,12 @@ auto KeyService::guarded(F&& f) -> decltype(f()) {
   } catch (const hsm::ObjectMissing& e) {
     throw unavailable(std::string("a key version's token object is missing: ") + e.what());
   } catch (const hsm::Pkcs11Error& e) {
+    // A mechanism the capability table let through but the module refuses at use (a module
+    // that lists what it cannot do): the caller learns which call, not a 503.
+    if (e.rv() == CKR_MECHANISM_INVALID)
+      throw invalid(std::string("the token's PKCS#11 module refused the mechanism this request needs (") + e.what() +
+                        "); p11kms never does it outside the token",
+                    "mechanism_unavailable");
     log::error(std::string("hsm: ") + e.what());
     throw unavailable(std::string("the HSM refused the operation: ") + e.what());
   } catch (const store::ConflictError& e) {

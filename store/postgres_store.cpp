@@ -4,6 +4,7 @@
 // same schema in PostgreSQL's SQL). Semantics are pinned by the shared conformance suite in
 // tests/integration/store/.
 #include <libpq-fe.h>
+#include <poll.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -182,7 +183,7 @@ class Connection {
   // Reconnects when the server went away since the last call (the instance recovers by
   // itself once PostgreSQL is back).
   void ensure() {
-    if (conn_ && PQstatus(conn_) == CONNECTION_OK) return;
+    if (conn_ && PQstatus(conn_) == CONNECTION_OK && !closed_by_server()) return;
     if (conn_) {
       PQreset(conn_);
       if (PQstatus(conn_) == CONNECTION_OK) return;
@@ -205,6 +206,23 @@ class Connection {
   PGconn* handle() const { return conn_; }
 
  private:
+  // An idle connection the server has closed (a restart, a failover) reads as readable; libpq
+  // only notices when asked. Checking costs one poll(), not a round trip, and spares the next
+  // request a 503.
+  bool closed_by_server() {
+    pollfd p{PQsocket(conn_), POLLIN, 0};
+    if (p.fd < 0 || ::poll(&p, 1, 0) <= 0) return false;
+    if (PQconsumeInput(conn_) == 0 || PQstatus(conn_) != CONNECTION_OK) return true;
+    bool notified = false;
+    while (PGnotify* n = PQnotifies(conn_)) {
+      PQfreemem(n);
+      notified = true;
+    }
+    // Anything else arriving on an idle connection is the server saying goodbye (a FATAL
+    // "terminating connection" before it closes): start afresh.
+    return !notified;
+  }
+
   Rows check(const char* what, PGresult* r) {
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) return Rows(r);
