@@ -118,3 +118,22 @@ def test_key_protect_rotation_policy_is_the_same_setting(server, client, transit
     configure(client, name, auto_rotate_period="24h")
     got = requests.get(server.url + "/kms/api/v2/keys/%s/policies" % name, headers=headers, timeout=10).json()
     assert got["resources"][0]["rotation"]["interval_seconds"] == 86400
+
+
+def test_rotation_period_holds_across_a_restart():
+    srv = tl.DevServer()
+    srv.start()
+    try:
+        c = hvac.Client(url=srv.url, token=srv.token)
+        name = unique_name("arr")
+        c.write("transit/keys/%s" % name, auto_rotate_period="10s")
+        assert srv.stop() == 0
+        time.sleep(11)  # the key falls due while no server runs
+        srv.start()
+        c = hvac.Client(url=srv.url, token=srv.token)
+        assert c.secrets.transit.read_key(name=name)["data"]["auto_rotate_period"] == 10
+        assert wait_for_version(c.secrets.transit, name, 2, timeout=20), "not rotated after the restart"
+        c.adapter.close()
+    finally:
+        srv.stop()
+        srv.cleanup()
