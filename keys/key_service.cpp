@@ -479,7 +479,7 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
     if (!type)
       throw invalid("unknown key type \"" + spec.type + "\": type must be one of " + supported_key_types(), "invalid_type");
     if (*type != KeyType::standard)
-      require_capability(hsm::CapabilityKind::key_type, key_type_name(*type), "creating a " + spec.type + " key");
+      require_capability(hsm::CapabilityKind::key_type, key_type_name(*type), std::string("creating ") + (std::string("aeiou").find(spec.type[0]) != std::string::npos ? "an " : "a ") + spec.type + " key");
     if (*type == KeyType::standard || spec.exportable)
       require_capability(hsm::CapabilityKind::key_type, hsm::cap::kExportable,
                          "creating an exportable key (its material is sealed under the master key)");

@@ -154,7 +154,7 @@ def test_random_still_works(env):
 
 def test_aes_key_creation_is_refused_naming_aes_gcm(env):
     r = req(env, "POST", "/v1/transit/keys/aes", json={"type": "aes256-gcm96"})
-    assert_refused(r, "creating a aes256-gcm96 key", "CKM_AES_GCM")
+    assert_refused(r, "creating an aes256-gcm96 key", "CKM_AES_GCM")
     r = req(env, "GET", "/v1/transit/keys/aes")
     assert r.status_code == 404, describe(r)   # nothing half-made
 
