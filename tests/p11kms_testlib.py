@@ -156,6 +156,9 @@ class DevServer:
     def start(self):
         """Start the server and wait until GET /v1/sys/health answers 200. If the first start
         loses the race for a freshly picked port, retry on another one (never on restart)."""
+        if self.proc is not None and self.proc.poll() is None:
+            # A second start would leave the first process running after stop().
+            raise RuntimeError("DevServer.start(): the server is already running (pid %d)" % self.proc.pid)
         attempts = 1 if self.port is not None else 3
         last_error = None
         for _ in range(attempts):

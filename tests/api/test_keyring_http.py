@@ -287,8 +287,7 @@ def test_import_conflict_imports_nothing(world):
 
 def test_export_refused_without_recipient_on_other_instance(world, tmp_path):
     # A dev server has no keyring.recipient_public_key_file.
-    with tl.DevServer() as dev:
-        dev.start()
+    with tl.DevServer() as dev:  # entering starts it
         r = requests.post(dev.url + "/keyring/export", headers={"X-Vault-Token": dev.token}, timeout=30)
         kong_error(r, 400, "keyring.recipient_public_key_file")
 
