@@ -143,49 +143,36 @@ void Token::import_hmac_key(const ObjectId& id, const SecureBytes& value, const 
   if (cache_generation_ == l.generation()) cache_[cache_key(id)] = h;
 }
 
-Bytes Token::hmac(const KeyHandle& key, CK_MECHANISM_TYPE mechanism, const uint8_t* data, size_t len) {
-  CK_MECHANISM mech{mechanism, nullptr, 0};
-  auto l = pool_.lease();
+template <typename Init>
+void Token::init_operation(SessionPool::Lease& l, const KeyHandle& key, Init&& init, const char* what) {
   for (int attempt = 0;; ++attempt) {
-    CK_OBJECT_HANDLE h = resolve(l, key);
-    CK_RV rv = l.fn()->C_SignInit(l.session(), &mech, h);
+    CK_RV rv = init(resolve(l, key));
     if (is_stale_handle(rv) && attempt == 0) {
       forget(key.id);
       continue;
     }
-    l.check(rv, "C_SignInit");
-    Bytes out(64);
-    CK_ULONG out_len = out.size();
-    uint8_t none = 0;
-    rv = l.fn()->C_Sign(l.session(), len ? const_cast<uint8_t*>(data) : &none, len, out.data(), &out_len);
-    if (rv != CKR_OK) l.discard();
-    l.check(rv, "C_Sign");
-    out.resize(out_len);
-    return out;
+    l.check(rv, what);
+    return;
   }
+}
+
+Bytes Token::hmac(const KeyHandle& key, CK_MECHANISM_TYPE mechanism, const uint8_t* data, size_t len) {
+  return sign(key, mechanism, nullptr, 0, data, len);  // an HMAC is a C_Sign without parameters
 }
 
 Bytes Token::sign(const KeyHandle& key, CK_MECHANISM_TYPE mechanism, void* params, size_t params_len,
                   const uint8_t* data, size_t len) {
   CK_MECHANISM mech{mechanism, params, static_cast<CK_ULONG>(params_len)};
   auto l = pool_.lease();
-  for (int attempt = 0;; ++attempt) {
-    CK_OBJECT_HANDLE h = resolve(l, key);
-    CK_RV rv = l.fn()->C_SignInit(l.session(), &mech, h);
-    if (is_stale_handle(rv) && attempt == 0) {
-      forget(key.id);
-      continue;
-    }
-    l.check(rv, "C_SignInit");
-    Bytes out(1024);  // RSA-4096: 512 bytes; ECDSA P-384: 96; Ed25519: 64
-    CK_ULONG out_len = out.size();
-    uint8_t none = 0;
-    rv = l.fn()->C_Sign(l.session(), len ? const_cast<uint8_t*>(data) : &none, len, out.data(), &out_len);
-    if (rv != CKR_OK) l.discard();
-    l.check(rv, "C_Sign");
-    out.resize(out_len);
-    return out;
-  }
+  init_operation(l, key, [&](CK_OBJECT_HANDLE h) { return l.fn()->C_SignInit(l.session(), &mech, h); }, "C_SignInit");
+  Bytes out(1024);  // RSA-4096: 512 bytes; ECDSA P-384: 96; Ed25519: 64
+  CK_ULONG out_len = out.size();
+  uint8_t none = 0;
+  CK_RV rv = l.fn()->C_Sign(l.session(), len ? const_cast<uint8_t*>(data) : &none, len, out.data(), &out_len);
+  if (rv != CKR_OK) l.discard();
+  l.check(rv, "C_Sign");
+  out.resize(out_len);
+  return out;
 }
 
 std::optional<CK_OBJECT_HANDLE> Token::find(SessionPool::Lease& l, const ObjectId& id) {
@@ -323,26 +310,18 @@ Bytes Token::aes_gcm_encrypt(const KeyHandle& key, const Bytes& iv, const Bytes&
                        const_cast<uint8_t*>(aad.data()), aad.size(), 128};
   CK_MECHANISM mech{CKM_AES_GCM, &params, sizeof params};
   auto l = pool_.lease();
-  for (int attempt = 0;; ++attempt) {
-    CK_OBJECT_HANDLE h = resolve(l, key);
-    CK_RV rv = l.fn()->C_EncryptInit(l.session(), &mech, h);
-    if (is_stale_handle(rv) && attempt == 0) {  // destroyed and re-found by another process
-      forget(key.id);
-      continue;
-    }
-    l.check(rv, "C_EncryptInit");
-    Bytes out(len + 16);
-    CK_ULONG out_len = out.size();
-    // An empty plaintext is valid (GCM gives just a tag), but modules refuse a null pointer
-    // even for zero bytes (SoftHSM: CKR_ARGUMENTS_BAD; found by the fuzzer).
-    uint8_t none = 0;
-    uint8_t* in = len ? const_cast<uint8_t*>(plaintext) : &none;
-    rv = l.fn()->C_Encrypt(l.session(), in, len, out.data(), &out_len);
-    if (rv != CKR_OK) l.discard();  // SoftHSM may leave the operation active (seen with ARGUMENTS_BAD)
-    l.check(rv, "C_Encrypt");
-    out.resize(out_len);
-    return out;
-  }
+  init_operation(l, key, [&](CK_OBJECT_HANDLE h) { return l.fn()->C_EncryptInit(l.session(), &mech, h); }, "C_EncryptInit");
+  Bytes out(len + 16);
+  CK_ULONG out_len = out.size();
+  // An empty plaintext is valid (GCM gives just a tag), but modules refuse a null pointer
+  // even for zero bytes (SoftHSM: CKR_ARGUMENTS_BAD; found by the fuzzer).
+  uint8_t none = 0;
+  uint8_t* in = len ? const_cast<uint8_t*>(plaintext) : &none;
+  CK_RV rv = l.fn()->C_Encrypt(l.session(), in, len, out.data(), &out_len);
+  if (rv != CKR_OK) l.discard();  // SoftHSM may leave the operation active (seen with ARGUMENTS_BAD)
+  l.check(rv, "C_Encrypt");
+  out.resize(out_len);
+  return out;
 }
 
 std::optional<SecureBytes> Token::aes_gcm_decrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
@@ -352,27 +331,19 @@ std::optional<SecureBytes> Token::aes_gcm_decrypt(const KeyHandle& key, const By
                        const_cast<uint8_t*>(aad.data()), aad.size(), 128};
   CK_MECHANISM mech{CKM_AES_GCM, &params, sizeof params};
   auto l = pool_.lease();
-  for (int attempt = 0;; ++attempt) {
-    CK_OBJECT_HANDLE h = resolve(l, key);
-    CK_RV rv = l.fn()->C_DecryptInit(l.session(), &mech, h);
-    if (is_stale_handle(rv) && attempt == 0) {
-      forget(key.id);
-      continue;
-    }
-    l.check(rv, "C_DecryptInit");
-    SecureBytes out(len);
-    CK_ULONG out_len = out.size();
-    rv = l.fn()->C_Decrypt(l.session(), const_cast<uint8_t*>(ciphertext), len, out.data(), &out_len);
-    // A failed tag check ends the operation; these codes are how modules report it (SoftHSM
-    // 2.6.1 answers CKR_GENERAL_ERROR, measured; connection-class failures are not among them).
-    if (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE || rv == CKR_DATA_INVALID ||
-        rv == CKR_FUNCTION_FAILED || rv == CKR_GENERAL_ERROR)
-      return std::nullopt;
-    if (rv != CKR_OK) l.discard();
-    l.check(rv, "C_Decrypt");
-    out.shrink(out_len);
-    return out;
-  }
+  init_operation(l, key, [&](CK_OBJECT_HANDLE h) { return l.fn()->C_DecryptInit(l.session(), &mech, h); }, "C_DecryptInit");
+  SecureBytes out(len);
+  CK_ULONG out_len = out.size();
+  CK_RV rv = l.fn()->C_Decrypt(l.session(), const_cast<uint8_t*>(ciphertext), len, out.data(), &out_len);
+  // A failed tag check ends the operation; these codes are how modules report it (SoftHSM
+  // 2.6.1 answers CKR_GENERAL_ERROR, measured; connection-class failures are not among them).
+  if (rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE || rv == CKR_DATA_INVALID ||
+      rv == CKR_FUNCTION_FAILED || rv == CKR_GENERAL_ERROR)
+    return std::nullopt;
+  if (rv != CKR_OK) l.discard();
+  l.check(rv, "C_Decrypt");
+  out.shrink(out_len);
+  return out;
 }
 
 bool Token::destroy(const ObjectId& id) {

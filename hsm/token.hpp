@@ -205,6 +205,11 @@ class Token {
   std::optional<CK_OBJECT_HANDLE> find(SessionPool::Lease& lease, const ObjectId& id);
   CK_OBJECT_HANDLE handle(SessionPool::Lease& lease, const ObjectId& id);  // throws ObjectMissing
   CK_OBJECT_HANDLE resolve(SessionPool::Lease& lease, const KeyHandle& key);
+  // Starts an operation (init(handle) calls C_SignInit, C_EncryptInit, ...) on the key's
+  // object; a handle gone stale (the object re-made by another process, or its session object
+  // lost with its session) is re-found once.
+  template <typename Init>
+  void init_operation(SessionPool::Lease& lease, const KeyHandle& key, Init&& init, const char* what);
   CK_OBJECT_HANDLE derive(SessionPool::Lease& lease, const KeyHandle& key);
   // The ephemeral AES key of an import (a session object, CKA_UNWRAP only) from the blob's
   // RSA part; the caller destroys it.

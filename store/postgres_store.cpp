@@ -4,6 +4,7 @@
 // same schema in PostgreSQL's SQL). Semantics are pinned by the shared conformance suite in
 // tests/integration/store/.
 #include <libpq-fe.h>
+#include <openssl/crypto.h>
 #include <poll.h>
 
 #include <cstdint>
@@ -176,6 +177,9 @@ class Connection {
   explicit Connection(std::string dsn) : dsn_(std::move(dsn)) { connect(); }
   ~Connection() {
     if (conn_) PQfinish(conn_);
+    // The connection string may carry the password (store.password_file): kept for
+    // reconnects, wiped at the end.
+    if (!dsn_.empty()) OPENSSL_cleanse(&dsn_[0], dsn_.size());
   }
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;

@@ -10,11 +10,9 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -1162,35 +1160,12 @@ ROLE_TOKENS = {name: "tok-%s-%s" % (name, secrets.token_hex(8))
 
 @pytest.fixture(scope="module")
 def roles():
-    root = tempfile.mkdtemp(prefix="p11kms-kms-roles-")
-    try:
-        token = cs.SoftToken(root).init()
-        token.write_pin_file(os.path.join(root, "user.pin"))
-        port = cs.free_port()
-
-        def tok(name, policies, namespaces):
-            return ("    - name: %s\n      token_sha256: %s\n      policies: %s\n      namespaces: %s\n"
-                    % (name, cs.token_hash(ROLE_TOKENS[name]), policies, namespaces))
-
-        path = os.path.join(root, "p11kms.yaml")
-        with open(path, "w") as f:
-            f.write("listen:\n  address: 127.0.0.1:%d\n"
-                    "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n  sessions: 2\n"
-                    "store:\n  path: p11kms.db\n"
-                    "auth:\n  tokens:\n" % (port, cs.SOFTHSM_MODULE, token.label)
-                    + tok("boss", "[root]", '["*"]')
-                    + tok("viewer", "[kms-viewer]", "[team-a]")
-                    + tok("editor", "[kms-editor]", "[team-a]")
-                    + tok("kadmin", "[kms-admin]", "[team-a]"))
-        srv = cs.ConfiguredServer(path, token.env(), token=ROLE_TOKENS["boss"], port=port)
-        srv.start()
-        try:
-            yield srv
-        finally:
-            srv.stop()
-    finally:
-        if not os.environ.get("P11KMS_KEEP_TMP"):
-            shutil.rmtree(root, ignore_errors=True)
+    yield from cs.serve_with_tokens("p11kms-kms-roles-", [
+        ("boss", ROLE_TOKENS["boss"], "[root]", '["*"]'),
+        ("viewer", ROLE_TOKENS["viewer"], "[kms-viewer]", '[team-a]'),
+        ("editor", ROLE_TOKENS["editor"], "[kms-editor]", '[team-a]'),
+        ("kadmin", ROLE_TOKENS["kadmin"], "[kms-admin]", '[team-a]'),
+    ])
 
 
 def as_role(srv, who, method, path="", body=None, params=None, instance="team-a"):

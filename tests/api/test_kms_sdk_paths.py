@@ -10,9 +10,7 @@ import json
 import os
 import re
 import secrets
-import shutil
 import sys
-import tempfile
 import uuid
 
 import pytest
@@ -577,34 +575,11 @@ ROLE_TOKENS = {name: "tok-%s-%s" % (name, secrets.token_hex(8)) for name in ("bo
 
 @pytest.fixture(scope="module")
 def roles():
-    root = tempfile.mkdtemp(prefix="p11kms-kms-alias-roles-")
-    try:
-        token = cs.SoftToken(root).init()
-        token.write_pin_file(os.path.join(root, "user.pin"))
-        port = cs.free_port()
-
-        def tok(name, policies, namespaces):
-            return ("    - name: %s\n      token_sha256: %s\n      policies: %s\n      namespaces: %s\n"
-                    % (name, cs.token_hash(ROLE_TOKENS[name]), policies, namespaces))
-
-        path = os.path.join(root, "p11kms.yaml")
-        with open(path, "w") as f:
-            f.write("listen:\n  address: 127.0.0.1:%d\n"
-                    "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n  sessions: 2\n"
-                    "store:\n  path: p11kms.db\n"
-                    "auth:\n  tokens:\n" % (port, cs.SOFTHSM_MODULE, token.label)
-                    + tok("boss", "[root]", '["*"]')
-                    + tok("editor", "[kms-editor]", "[team-a]")
-                    + tok("kadmin", "[kms-admin]", "[team-a]"))
-        srv = cs.ConfiguredServer(path, token.env(), token=ROLE_TOKENS["boss"], port=port)
-        srv.start()
-        try:
-            yield srv
-        finally:
-            srv.stop()
-    finally:
-        if not os.environ.get("P11KMS_KEEP_TMP"):
-            shutil.rmtree(root, ignore_errors=True)
+    yield from cs.serve_with_tokens("p11kms-kms-alias-roles-", [
+        ("boss", ROLE_TOKENS["boss"], "[root]", '["*"]'),
+        ("editor", ROLE_TOKENS["editor"], "[kms-editor]", '[team-a]'),
+        ("kadmin", ROLE_TOKENS["kadmin"], "[kms-admin]", '[team-a]'),
+    ])
 
 
 def test_kms_admin_manages_aliases_and_kms_editor_cannot(roles):

@@ -336,3 +336,34 @@ def make_tmpdir(prefix):
 def remove_tmpdir(path):
     if path and not os.environ.get("P11KMS_KEEP_TMP"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def serve_with_tokens(prefix, tokens):
+    """A configured server (own SoftHSM token, SQLite store) with several API tokens, started;
+    yields it and stops and removes everything afterwards. For module-scoped pytest fixtures:
+    `yield from serve_with_tokens(...)`.
+
+    tokens: [(name, secret, policies, namespaces)], e.g. ("viewer", s, "[kms-viewer]", "[team-a]").
+    The server's default token (srv.token) is the first one's secret."""
+    root = make_tmpdir(prefix)
+    try:
+        token = SoftToken(root).init()
+        token.write_pin_file(os.path.join(root, "user.pin"))
+        port = free_port()
+        path = os.path.join(root, "p11kms.yaml")
+        with open(path, "w") as f:
+            f.write("listen:\n  address: 127.0.0.1:%d\n"
+                    "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n  sessions: 2\n"
+                    "store:\n  path: p11kms.db\n"
+                    "auth:\n  tokens:\n" % (port, SOFTHSM_MODULE, token.label))
+            for name, secret, policies, namespaces in tokens:
+                f.write("    - name: %s\n      token_sha256: %s\n      policies: %s\n      namespaces: %s\n"
+                        % (name, token_hash(secret), policies, namespaces))
+        srv = ConfiguredServer(path, token.env(), token=tokens[0][1], port=port)
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.stop()
+    finally:
+        remove_tmpdir(root)

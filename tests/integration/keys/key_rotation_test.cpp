@@ -73,9 +73,10 @@ TEST_F(KeyRotationTest, DeletingAKeyRemovesItsPolicy) {
   ks_.set_rotation_policy(ref_, 10);
   ks_.delete_key(ref_, /*require_deletion_allowed=*/false);
   EXPECT_FALSE(ks_.rotation_policy("root", key.id).has_value());
-  // A key created again under the name starts without one.
-  ks_.create_key(ref_, keys::KeySpec{});
-  EXPECT_EQ(ks_.rotate_due(now_ + 10000), 0u);
+  // A key created again under the name starts without one, and the tombstone is never due.
+  auto again = ks_.create_key(ref_, keys::KeySpec{}).key;
+  EXPECT_EQ(again.auto_rotate_period, 0);
+  EXPECT_TRUE(store_->keys_due_for_rotation(now_ + 10000).empty());
 }
 
 TEST_F(KeyRotationTest, KeysOfAMountedEngineRotateToo) {
