@@ -15,10 +15,8 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -614,37 +612,11 @@ MOUNT_POLICIES = """policies:
 
 @pytest.fixture(scope="module")
 def policy_server():
-    root = tempfile.mkdtemp(prefix="p11kms-mount-policy-")
-    try:
-        token = cs.SoftToken(root).init()
-        token.write_pin_file(os.path.join(root, "user.pin"))
-        port = cs.free_port()
-
-        def tok(name, policies):
-            return ("    - name: %s\n      token_sha256: %s\n      policies: %s\n      namespaces: [root]\n"
-                    % (name, cs.token_hash(POLICY_TOKENS[name]), policies))
-
-        path = os.path.join(root, "p11kms.yaml")
-        with open(path, "w") as f:
-            f.write("listen:\n  address: 127.0.0.1:%d\n"
-                    "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n  sessions: 2\n"
-                    "store:\n  path: p11kms.db\n"
-                    "auth:\n  tokens:\n" % (port, cs.SOFTHSM_MODULE, token.label)
-                    + tok("boss", "[root]")
-                    + tok("transitonly", "[transit-all]")
-                    + tok("mounter", "[mounter]")
-                    + tok("payer", "[payer]")
-                    + tok("lister", "[lister]")
-                    + MOUNT_POLICIES)
-        srv = cs.ConfiguredServer(path, token.env(), token=POLICY_TOKENS["boss"], port=port)
-        srv.start()
-        try:
-            yield srv
-        finally:
-            srv.stop()
-    finally:
-        if not os.environ.get("P11KMS_KEEP_TMP"):
-            shutil.rmtree(root, ignore_errors=True)
+    yield from cs.serve_with_tokens("p11kms-mount-policy-", [
+        (name, POLICY_TOKENS[name], policies, "[root]")
+        for name, policies in (("boss", "[root]"), ("transitonly", "[transit-all]"), ("mounter", "[mounter]"),
+                               ("payer", "[payer]"), ("lister", "[lister]"))
+    ], MOUNT_POLICIES)
 
 
 def as_token(srv, who, method, path, body=None):

@@ -338,13 +338,14 @@ def remove_tmpdir(path):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def serve_with_tokens(prefix, tokens):
+def serve_with_tokens(prefix, tokens, extra_yaml=""):
     """A configured server (own SoftHSM token, SQLite store) with several API tokens, started;
     yields it and stops and removes everything afterwards. For module-scoped pytest fixtures:
     `yield from serve_with_tokens(...)`.
 
     tokens: [(name, secret, policies, namespaces)], e.g. ("viewer", s, "[kms-viewer]", "[team-a]").
-    The server's default token (srv.token) is the first one's secret."""
+    The server's default token (srv.token) is the first one's secret. extra_yaml (e.g. a
+    `policies:` section) is appended to the config."""
     root = make_tmpdir(prefix)
     try:
         token = SoftToken(root).init()
@@ -359,6 +360,7 @@ def serve_with_tokens(prefix, tokens):
             for name, secret, policies, namespaces in tokens:
                 f.write("    - name: %s\n      token_sha256: %s\n      policies: %s\n      namespaces: %s\n"
                         % (name, token_hash(secret), policies, namespaces))
+            f.write(extra_yaml)
         srv = ConfiguredServer(path, token.env(), token=tokens[0][1], port=port)
         srv.start()
         try:
