@@ -21,6 +21,35 @@ std::optional<TokenHash> parse_token_hash(const std::string& hex) {
   return h;
 }
 
+std::optional<TokenHash> parse_cert_fingerprint(const std::string& text) {
+  std::string hex;
+  if (text.size() == 32 * 3 - 1) {  // AB:CD:...:EF
+    for (size_t i = 0; i < text.size(); ++i) {
+      if (i % 3 == 2) {
+        if (text[i] != ':') return std::nullopt;
+      } else {
+        hex.push_back(text[i]);
+      }
+    }
+  } else if (text.size() == 64) {
+    hex = text;
+  } else {
+    return std::nullopt;
+  }
+  return parse_token_hash(hex);
+}
+
+const TokenEntry* TokenAuthenticator::authenticate_cert(const std::string& cert_sha256_hex, int64_t now) const {
+  auto presented = parse_token_hash(cert_sha256_hex);
+  if (!presented) return nullptr;
+  const TokenEntry* match = nullptr;
+  for (const auto& t : tokens_) {
+    if (t.cert_sha256 && CRYPTO_memcmp(presented->data(), t.cert_sha256->data(), presented->size()) == 0) match = &t;
+  }
+  if (match && match->expires && now >= *match->expires) return nullptr;
+  return match;
+}
+
 const TokenEntry* TokenAuthenticator::authenticate(const std::string& presented, int64_t now) const {
   if (presented.empty()) return nullptr;
   TokenHash h = sha256_of(presented);

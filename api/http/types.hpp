@@ -1,6 +1,6 @@
 // The project's own HTTP request/response types. Dialects and the API service see only these;
-// the cpprestsdk adapter (cpprest_server.cpp) is the one place that knows the library, so it
-// can be replaced without touching a dialect.
+// the listener adapter (beast_server.cpp, Boost.Beast) is the one place that knows the HTTP
+// library, so it can be replaced without touching a dialect.
 #pragma once
 
 #include <functional>
@@ -22,6 +22,9 @@ struct Request {
   std::string body;
   std::string remote_address;
   bool tls = false;  // arrived over TLS (absolute links use https)
+  // mTLS: lowercase hex SHA-256 over the DER of the verified client certificate; empty when the
+  // connection has none (plain HTTP, or TLS without a client CA).
+  std::string client_cert_sha256;
   // Set by the adapter instead of buffering what exceeds the configured limits; the service
   // answers 413 / 431 in the dialect's own error shape.
   bool body_too_large = false;
@@ -52,7 +55,7 @@ struct ServerOptions {
   size_t max_body_bytes = 1 << 20;
   size_t max_header_bytes = 16384;
   int read_timeout_s = 30;
-  size_t threads = 40;  // the HTTP library's worker pool, fixed at start
+  size_t threads = 40;  // threads running the listener (and the blocking handlers), fixed at start
 };
 
 class Server {

@@ -1,5 +1,5 @@
 """The HTTP edge under awkward clients: more slow clients than listener threads, oversized
-headers, the 413 limit. cpprestsdk runs handlers on a fixed pool (40 threads by default); a
+headers, the 413 limit. The listener runs handlers on a fixed pool (40 threads by default); a
 handler that blocked on a body read would let slow clients starve it and hang the listener."""
 import os
 import socket
