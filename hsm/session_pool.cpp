@@ -179,8 +179,7 @@ void SessionPool::mark_broken(uint64_t gen, const std::string& why) {
 PoolStatus SessionPool::probe() {
   try {
     Lease l = lease();
-    CK_SESSION_INFO info{};
-    l.check(l.fn()->C_GetSessionInfo(l.session(), &info), "C_GetSessionInfo");
+    l.require_token_present();
   } catch (const std::exception&) {
     // status() below reports the failure.
   }
@@ -213,14 +212,25 @@ SessionPool::Lease::~Lease() {
 
 void SessionPool::Lease::check(CK_RV rv, const char* function) {
   if (rv == CKR_OK) return;
-  if (is_connection_failure(rv)) {
-    broken_ = true;
-    std::string why = std::string(function) + ": " + rv_name(rv);
-    pool_->mark_broken(generation_, why);
-    throw TokenUnavailable("HSM token '" + pool_->config_.token_label + "' is unavailable (" + why +
-                           "); reconnecting");
-  }
+  if (is_connection_failure(rv)) lost(rv, function);
   throw Pkcs11Error(function, rv);
+}
+
+void SessionPool::Lease::require_token_present() {
+  CK_SESSION_INFO session_info{};
+  CK_RV rv = fn()->C_GetSessionInfo(session_, &session_info);
+  if (rv != CKR_OK) lost(rv, "C_GetSessionInfo");
+  CK_TOKEN_INFO token_info{};
+  rv = fn()->C_GetTokenInfo(session_info.slotID, &token_info);
+  if (rv != CKR_OK) lost(rv, "C_GetTokenInfo");
+}
+
+void SessionPool::Lease::lost(CK_RV rv, const char* function) {
+  broken_ = true;
+  std::string why = std::string(function) + ": " + rv_name(rv);
+  pool_->mark_broken(generation_, why);
+  throw TokenUnavailable("HSM token '" + pool_->config_.token_label + "' is unavailable (" + why +
+                         "); reconnecting");
 }
 
 }  // namespace p11kms::hsm

@@ -57,12 +57,18 @@ class SessionPool {
     // Throws for rv != CKR_OK: TokenUnavailable (and the pool reconnects) for connection-class
     // failures, Pkcs11Error otherwise.
     void check(CK_RV rv, const char* function);
+    // Throws TokenUnavailable (and the pool reconnects) unless the token still describes itself
+    // (C_GetTokenInfo). A module can keep its sessions while its token is gone (SoftHSM whose
+    // token directory vanished answers CKR_GENERAL_ERROR there and loses every object), so
+    // "object missing" and health are only believed once the token is known to be there.
+    void require_token_present();
     // The session may hold an operation the module left active (a call failed after its
     // C_*Init): it is closed and replaced on release instead of being reused.
     void discard() { discard_ = true; }
 
    private:
     friend class SessionPool;
+    [[noreturn]] void lost(CK_RV rv, const char* function);
     Lease(SessionPool* pool, CK_SESSION_HANDLE s, uint64_t gen) : pool_(pool), session_(s), generation_(gen) {}
     SessionPool* pool_;
     CK_SESSION_HANDLE session_;

@@ -38,25 +38,21 @@ KeyService::ProbeResult KeyService::probe_root_key(const std::string& ns, const 
   auto object_id = encoding::hex_decode(v.object_id);
   if (v.object_id.empty() || !object_id) return fail(who + " has no token object for its latest version");
   try {
+    // Drawn first: an unreachable token fails here, before any question about its mechanisms.
     hsm::SecureBytes dek = token_.random_secret(kGeneratedDekBytes);
-    if (token_.supports_aes_gcm()) {
-      // The same envelope as Key Protect's wrap, then unwrapped with the same version.
-      Wrapped w = wrap_with(key, dek.data(), dek.size(), {});
-      auto ct = parse_wrap_ciphertext(w.ciphertext);
-      auto wrapped_by = encoding::hex_decode(rec->versions.at(w.version).object_id);
-      if (!wrapped_by) return fail(who + " has no token object for version " + std::to_string(w.version));
-      auto pt = token_.aes_gcm_decrypt(*wrapped_by, ct.iv, wrap_aad(rec->id, {}), ct.sealed.data(), ct.sealed.size());
-      if (!pt || pt->size() != dek.size() || CRYPTO_memcmp(pt->data(), dek.data(), dek.size()) != 0)
-        return fail(who + ": a test key wrapped in the token did not unwrap to the same bytes");
-      return ProbeResult{true, ""};
-    }
-    if (token_.has_mechanism(CKM_AES_ECB)) {
-      if (!token_.aes_ecb_round_trip(*object_id, dek))
-        return fail(who + ": a test key encrypted in the token did not decrypt to the same bytes");
-      return ProbeResult{true, "validated by an AES-ECB round trip in the token: its module offers no AES-GCM, "
-                               "so wrap and unwrap are refused through it"};
-    }
-    return fail("the token's module offers neither AES-GCM nor AES-ECB");
+    // Wrap and unwrap are AES-GCM in the token; a module without it cannot serve this key's
+    // wraps, so the key is not usable through it, whatever else the module can do with it.
+    if (!token_.supports_aes_gcm())
+      return fail(who + " cannot wrap or unwrap through this PKCS#11 module: it does not offer CKM_AES_GCM");
+    // The same envelope as Key Protect's wrap, then unwrapped with the same version.
+    Wrapped w = wrap_with(key, dek.data(), dek.size(), {});
+    auto ct = parse_wrap_ciphertext(w.ciphertext);
+    auto wrapped_by = encoding::hex_decode(rec->versions.at(w.version).object_id);
+    if (!wrapped_by) return fail(who + " has no token object for version " + std::to_string(w.version));
+    auto pt = token_.aes_gcm_decrypt(*wrapped_by, ct.iv, wrap_aad(rec->id, {}), ct.sealed.data(), ct.sealed.size());
+    if (!pt || pt->size() != dek.size() || CRYPTO_memcmp(pt->data(), dek.data(), dek.size()) != 0)
+      return fail(who + ": a test key wrapped in the token did not unwrap to the same bytes");
+    return ProbeResult{true, ""};
   } catch (const hsm::TokenUnavailable&) {
     return fail("the token is unreachable");
   } catch (const hsm::ObjectMissing&) {

@@ -1,9 +1,14 @@
 """Integration: BYOK validation when the token goes away and comes back (docs/api/byok.md).
 
-Set-up as tests/integration/test_token_recovery.py: a SoftHSM token served over p11-kit
-remoting; a root key is made first by p11kms loading SoftHSM directly (remoting has no AES-GCM);
-then p11kms runs through p11-kit-client.so, and killing the p11-kit server (by pid) takes the
-token away. Through remoting the validation round trip is AES-ECB (the doc says so).
+Two ways a token goes away, both real:
+- SoftHSM loaded directly, and its token directory moved away under the running server (a
+  volume unmounted): SoftHSM keeps its sessions but loses every object and answers
+  CKR_GENERAL_ERROR to C_GetTokenInfo; p11kms takes that as an outage, reconnects, and finds
+  the token again once the directory is back. This is the VALID -> INVALID -> VALID path.
+- SoftHSM behind p11-kit remoting (as tests/integration/test_token_recovery.py), the p11-kit
+  server killed by pid and restarted. Remoting carries no AES-GCM, so a root key can never be
+  VALID through it (wraps are refused): the key says so, then "token is unreachable", then
+  says so again.
 """
 
 import os
@@ -18,11 +23,49 @@ BASE = "/byok/v1/keys"
 POLL_S = 20.0
 
 
+def make_root_key(server):
+    r = server.request("POST", "/kms/api/v2/keys", json={"resources": [
+        {"type": "application/vnd.ibm.kms.key+json", "name": "outage-root"}]})
+    assert r.status_code == 201, r.text
+    return r.json()["resources"][0]["id"]
+
+
+class Env:
+    pass
+
+
+@pytest.fixture(scope="module")
+def direct():
+    """SoftHSM loaded directly; the test moves the token directory away and back."""
+    e = Env()
+    e.tmp = cs.make_tmpdir("p11kms-byok-gone-")
+    e.server = None
+    try:
+        e.token = cs.SoftToken(e.tmp).init()
+        e.token.write_pin_file(os.path.join(e.tmp, "user.pin"))
+        e.api = "hvs." + os.urandom(12).hex()
+        port = cs.free_port()
+        cfg = os.path.join(e.tmp, "p11kms.yaml")
+        with open(cfg, "w") as f:
+            f.write(cs.config_text(port, cs.SOFTHSM_MODULE, e.token.label, cs.token_hash(e.api)) +
+                    "byok:\n  validation_interval: 1h\n")
+        e.server = cs.ConfiguredServer(cfg, e.token.env(), token=e.api, port=port,
+                                       log_path=os.path.join(e.tmp, "p11kms.log"))
+        e.server.start()
+        e.root_id = make_root_key(e.server)
+        yield e
+    finally:
+        try:
+            if e.server is not None:
+                e.server.stop()
+        finally:
+            cs.remove_tmpdir(e.tmp)
+
+
 @pytest.fixture(scope="module")
 def env():
-    class E:
-        pass
-    e = E()
+    """SoftHSM behind p11-kit remoting; the test kills and restarts the p11-kit server."""
+    e = Env()
     e.tmp = cs.make_tmpdir("p11kms-byok-outage-")
     e.server = e.p11kit = None
     try:
@@ -34,14 +77,12 @@ def env():
         cfg = os.path.join(e.tmp, "direct.yaml")
         with open(cfg, "w") as f:
             f.write(cs.config_text(port, cs.SOFTHSM_MODULE, e.token.label, h))
+        # Root keys are AES-GCM keys: made by a server that loads SoftHSM directly.
         direct = cs.ConfiguredServer(cfg, e.token.env(), token=e.api, port=port,
                                      log_path=os.path.join(e.tmp, "direct.log"))
         try:
             direct.start()
-            r = direct.request("POST", "/kms/api/v2/keys", json={"resources": [
-                {"type": "application/vnd.ibm.kms.key+json", "name": "outage-root"}]})
-            assert r.status_code == 201, r.text
-            e.root_id = r.json()["resources"][0]["id"]
+            e.root_id = make_root_key(direct)
         finally:
             assert direct.stop() == 0, direct.log_tail()
         e.p11kit = cs.P11KitServer(e.token, os.path.join(e.tmp, "p11.sock"), os.path.join(e.tmp, "p11kit.log")).start()
@@ -80,24 +121,73 @@ def validated(env, kid):
     return r.json()["validation"]
 
 
-def test_token_unreachable_makes_the_key_invalid_and_back_valid(env):
-    r = call(env, "POST", BASE, json={"key": {"kind": "P11kmsKey", "key_id": env.root_id}})
-    assert r.status_code == 201, r.text
-    k = r.json()
-    assert k["validation"]["phase"] == "VALID", k
-    assert "AES-ECB" in k["validation"]["message"]   # through remoting, and said so
-    for _ in range(2):   # a second key, so a list has a next page
-        assert call(env, "POST", BASE, json={"key": {"kind": "P11kmsKey", "key_id": env.root_id}}).status_code == 201
-
-    assert env.p11kit.stop(), "expected to kill p11-kit's worker"
+def wait_for(env, kid, pred, what):
     deadline = time.monotonic() + POLL_S
     while True:
-        v = validated(env, k["id"])
-        if v["phase"] == "INVALID":
-            break
-        assert time.monotonic() < deadline, v
+        v = validated(env, kid)
+        if pred(v):
+            return v
+        assert time.monotonic() < deadline, "%s never came: %s" % (what, v)
         time.sleep(0.3)
-    assert "token is unreachable" in v["message"], v
+
+
+def create(env, display_name):
+    r = call(env, "POST", BASE, json={"display_name": display_name,
+                                      "key": {"kind": "P11kmsKey", "key_id": env.root_id}})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_token_directory_gone_makes_the_key_invalid_and_back_valid(direct):
+    k = create(direct, "gone")
+    assert k["validation"]["phase"] == "VALID", k
+    assert not k["validation"].get("message"), k
+    for _ in range(2):   # more keys, so a list has a next page
+        create(direct, "more")
+    wrap = "/kms/api/v2/keys/%s/actions/wrap" % direct.root_id
+    assert call(direct, "POST", wrap, json={}).status_code == 200
+
+    [uuid_dir] = os.listdir(direct.token.tokendir)
+    inside = os.path.join(direct.token.tokendir, uuid_dir)
+    away = os.path.join(direct.tmp, "away")
+    os.rename(inside, away)
+    try:
+        v = wait_for(direct, k["id"], lambda v: v["phase"] == "INVALID", "INVALID")
+        assert v["message"] == "the token is unreachable", v
+        since = v["since"]
+        time.sleep(1.1)
+        v2 = validated(direct, k["id"])
+        assert v2 == v and v2["since"] == since, "since moved while nothing changed"
+        # An outage, not a missing object: KMS answers 503 and health says so.
+        r = call(direct, "POST", wrap, json={})
+        assert r.status_code == 503, r.text
+        h = direct.server.session.get(direct.server.url + "/v1/sys/health", timeout=10)
+        assert h.status_code == 503, h.text
+        r = call(direct, "GET", BASE + "?page_size=1")
+        assert r.status_code == 503, r.text
+        assert r.json()["errors"][0]["status"] == "503"
+        assert direct.token.user_pin not in r.text
+    finally:
+        os.rename(away, inside)
+
+    v = wait_for(direct, k["id"], lambda v: v["phase"] == "VALID", "VALID again")
+    assert v["since"] > since and not v.get("message"), v
+    assert call(direct, "POST", wrap, json={}).status_code == 200
+    assert call(direct, "GET", BASE + "?page_size=1").status_code == 200
+
+
+def test_through_remoting_a_root_key_is_invalid_and_outages_say_so(env):
+    k = create(env, "remote")
+    v = k["validation"]
+    assert v["phase"] == "INVALID", k   # wraps are AES-GCM, which remoting does not carry
+    assert "CKM_AES_GCM" in v["message"] and "this PKCS#11 module" in v["message"], v
+    no_gcm = v["message"]
+    for _ in range(2):
+        create(env, "more")
+
+    assert env.p11kit.stop(), "expected to kill p11-kit's worker"
+    v = wait_for(env, k["id"], lambda v: v["message"] != no_gcm, "the outage")
+    assert v["phase"] == "INVALID" and v["message"] == "the token is unreachable", v
     since = v["since"]
     time.sleep(1.1)
     v2 = validated(env, k["id"])
@@ -110,12 +200,6 @@ def test_token_unreachable_makes_the_key_invalid_and_back_valid(env):
     assert env.token.user_pin not in r.text
 
     env.p11kit.start()
-    deadline = time.monotonic() + POLL_S
-    while True:
-        v = validated(env, k["id"])
-        if v["phase"] == "VALID":
-            break
-        assert time.monotonic() < deadline, "never VALID again: %s" % v
-        time.sleep(0.3)
-    assert v["since"] > since
+    v = wait_for(env, k["id"], lambda v: v["message"] == no_gcm, "the token back")
+    assert v["phase"] == "INVALID" and v["since"] > since, v
     assert call(env, "GET", BASE + "?page_size=1").status_code == 200
