@@ -1,7 +1,7 @@
-// Kong Gateway's keyring (/keyring, cluster strategy): data keys with one active key, made by
-// the token and kept sealed under its master key (keys/keyring.hpp), exported to and imported
-// from another instance. Shapes follow Kong's Admin API; errors are Kong's {"message": ...}
-// (plus name/code/fields for a field at fault). See docs/api/keyring.md.
+// Kong Gateway's keyring (/keyring, cluster or vault strategy): data keys with one active key,
+// made by the token (or read from Vault) and kept sealed under its master key (keys/keyring.hpp),
+// exported to and imported from another instance. Shapes follow Kong's Admin API; errors are
+// Kong's {"message": ...} (plus name/code/fields for a field at fault). See docs/api/keyring.md.
 #include <openssl/crypto.h>
 
 #include "api/api_service.hpp"
@@ -95,8 +95,10 @@ Reply import_export(Context& ctx) {
 
 Reply export_keyring(Context& ctx) { return raw(200, {{"data", keyring(ctx).export_keyring(ctx.tenant)}}); }
 
-Reply vault_sync(Context&) {
-  throw invalid("this endpoint is only available with the vault keyring strategy", "wrong_strategy");
+// Vault strategy: re-reads the KV v2 secret into the root namespace's keyring (keys/keyring.hpp).
+Reply vault_sync(Context& ctx) {
+  keyring(ctx).sync(ctx.tenant);
+  return raw(204);
 }
 
 }  // namespace
@@ -121,8 +123,10 @@ void add_keyring_routes(Router& router) {
   router.add({"POST", "/export", {},
               "The whole keyring encrypted to keyring.recipient_public_key_file (`{\"data\"}`); format in keyring.md.",
               export_keyring, policy::kSudo});
-  router.add({"POST", "/vault/sync", {}, "Vault strategy only: answers 400 under the cluster strategy.", vault_sync,
-              policy::kUpdate});
+  router.add({"POST", "/vault/sync", {},
+              "Vault strategy only (400 under cluster): re-reads the Vault KV v2 secret into the root namespace's "
+              "keyring (204); 503 Vault unreachable, 502 Vault refused or the secret is malformed (keyring unchanged).",
+              vault_sync, policy::kUpdate});
 }
 
 Dialect keyring_dialect() {

@@ -18,6 +18,7 @@ int status_of(keys::ErrorKind kind) {
     case keys::ErrorKind::gone: return 410;
     case keys::ErrorKind::payload_too_large: return 413;
     case keys::ErrorKind::unavailable: return 503;
+    case keys::ErrorKind::bad_gateway: return 502;
     case keys::ErrorKind::not_implemented: return 501;
     default: return 500;
   }

@@ -16,6 +16,7 @@ enum class ErrorKind {
   gone,              // 410: the key was deleted; its id is never reused
   payload_too_large, // 413
   unavailable,       // 503: the token (or store) cannot serve right now
+  bad_gateway,       // 502: an upstream p11kms reads from (Vault, for the keyring) answered unusably
   not_implemented,   // 501: a route of the modelled API that p11kms does not offer
   internal,          // 500
 };
@@ -44,6 +45,9 @@ inline KeyError conflict(const std::string& message, std::string code = "conflic
 inline KeyError gone(const std::string& message) { return KeyError(ErrorKind::gone, "gone", message); }
 inline KeyError unavailable(const std::string& message) {
   return KeyError(ErrorKind::unavailable, "unavailable", message);
+}
+inline KeyError bad_gateway(const std::string& message, std::string code = "bad_gateway") {
+  return KeyError(ErrorKind::bad_gateway, std::move(code), message);
 }
 
 }  // namespace p11kms::keys

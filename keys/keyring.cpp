@@ -169,7 +169,13 @@ Keyring::View Keyring::view(const std::string& ns) {
   });
 }
 
+void Keyring::require_cluster() const {
+  if (options_.strategy != KeyringStrategy::cluster)
+    throw invalid("only available with the cluster keyring strategy", "wrong_strategy");
+}
+
 Keyring::Generated Keyring::generate(const std::string& ns) {
+  require_cluster();
   return guard([&] {
     std::lock_guard<std::mutex> lk(mu_);
     Generated g;
@@ -190,6 +196,7 @@ Keyring::Generated Keyring::generate(const std::string& ns) {
 }
 
 void Keyring::remove(const std::string& ns, const std::string& id) {
+  require_cluster();
   guard([&] {
     std::lock_guard<std::mutex> lk(mu_);
     if (!valid_id(id) || !store_.get_setting(prefix_of(ns) + id))
@@ -203,6 +210,7 @@ void Keyring::remove(const std::string& ns, const std::string& id) {
 }
 
 void Keyring::import_raw(const std::string& ns, const std::string& id, const hsm::SecureBytes& key) {
+  require_cluster();
   if (!valid_id(id)) throw invalid("id must be 8 characters of [A-Za-z0-9]", "invalid_id");
   if (key.size() != kKeyBytes)
     throw invalid("data must be the base64 of a 32-byte (256-bit) key, not " + std::to_string(key.size()) + " bytes",
@@ -217,6 +225,7 @@ void Keyring::import_raw(const std::string& ns, const std::string& id, const hsm
 }
 
 std::string Keyring::export_keyring(const std::string& ns) {
+  require_cluster();
   if (options_.recipient_public_key_pem.empty())
     throw invalid("keyring export needs a recipient public key: set keyring.recipient_public_key_file in the config",
                   "no_recipient_key");
@@ -253,6 +262,7 @@ std::string Keyring::export_keyring(const std::string& ns) {
 }
 
 void Keyring::import_export(const std::string& ns, const std::string& data_base64) {
+  require_cluster();
   guard([&] {
     auto setting = store_.get_setting(kImportKeySetting);
     if (!setting)
@@ -347,6 +357,76 @@ void Keyring::import_export(const std::string& ns, const std::string& data_base6
     if (export_active) store_.put_setting(active_setting(ns), *export_active);
     log::info("keyring: imported an export into namespace " + ns + " (" + std::to_string(fresh.size()) + " new of " +
               std::to_string(items.size()) + " keys)");
+  });
+}
+
+Keyring::View Keyring::sync(const std::string& ns) {
+  if (options_.strategy != KeyringStrategy::vault || !options_.vault_source)
+    throw invalid("only available with the vault keyring strategy", "wrong_strategy");
+  if (ns != kVaultNamespace)
+    throw invalid("the vault keyring strategy serves the \"" + std::string(kVaultNamespace) +
+                      "\" namespace's keyring only; this request is for namespace \"" + ns + "\"",
+                  "wrong_namespace");
+  const std::string& where = options_.vault_description;
+  // Read and check the whole secret before anything is written.
+  std::vector<KvKeyVersion> versions = options_.vault_source();
+  struct Item {
+    std::string id;
+    int version = 0;
+    hsm::SecureBytes key;
+  };
+  std::vector<Item> items;  // oldest first; an id seen again moves to its latest version
+  for (auto& v : versions) {
+    std::string at = "Vault secret " + where + " version " + std::to_string(v.version);
+    if (!v.id) throw bad_gateway(at + " has no string field \"id\" (Kong's layout: id and key)", "vault_bad_secret");
+    if (!valid_id(*v.id))
+      throw bad_gateway(at + ": id must be 8 characters of [A-Za-z0-9]", "vault_bad_secret");
+    if (!v.key) throw bad_gateway(at + " (id " + *v.id + ") has no string field \"key\"", "vault_bad_secret");
+    const std::string& text = v.key->reveal();
+    auto raw = encoding::base64_decode(text);
+    if (!raw) throw bad_gateway(at + " (id " + *v.id + "): key is not valid base64", "vault_bad_secret");
+    hsm::SecureBytes key(raw->data(), raw->size());
+    if (!raw->empty()) OPENSSL_cleanse(raw->data(), raw->size());
+    v.key->wipe();
+    if (key.size() != kKeyBytes)
+      throw bad_gateway(at + " (id " + *v.id + "): key must be the base64 of a 32-byte (256-bit) key, not " +
+                            std::to_string(key.size()) + " bytes",
+                        "vault_bad_secret");
+    auto same = std::find_if(items.begin(), items.end(), [&](const Item& i) { return i.id == *v.id; });
+    if (same != items.end()) {
+      if (CRYPTO_memcmp(same->key.data(), key.data(), kKeyBytes) != 0)
+        throw bad_gateway("Vault secret " + where + " versions " + std::to_string(same->version) + " and " +
+                              std::to_string(v.version) + " hold id " + *v.id + " with different keys",
+                          "vault_bad_secret");
+      items.erase(same);
+    }
+    items.push_back({*v.id, v.version, std::move(key)});
+  }
+  return guard([&] {
+    // Every key is sealed afresh (one token call each) before the store is touched, so a token
+    // failure changes nothing. `created` is the Vault version, so ids list in version order.
+    std::vector<std::string> values;
+    for (const auto& item : items)
+      values.push_back(std::to_string(item.version) + " " + keys_.seal_secret(seal_aad(ns, item.id), item.key));
+    std::lock_guard<std::mutex> lk(mu_);
+    size_t removed = 0;
+    for (auto& e : entries(ns)) {
+      if (std::none_of(items.begin(), items.end(), [&](const Item& i) { return i.id == e.id; })) {
+        store_.delete_setting(prefix_of(ns) + e.id);
+        ++removed;
+      }
+    }
+    for (size_t i = 0; i < items.size(); ++i) store_.put_setting(prefix_of(ns) + items[i].id, values[i]);
+    if (items.empty())
+      store_.delete_setting(active_setting(ns));
+    else
+      store_.put_setting(active_setting(ns), items.back().id);
+    View v;
+    for (const auto& i : items) v.ids.push_back(i.id);
+    if (!items.empty()) v.active = items.back().id;
+    log::info("keyring: synced namespace " + ns + " from Vault secret " + where + ": " + std::to_string(items.size()) +
+              " keys, " + std::to_string(removed) + " removed, active " + (v.active ? *v.active : std::string("none")));
+    return v;
   });
 }
 

@@ -3,7 +3,8 @@
 //
 // Storage: keyring keys are exportable by nature (Kong hands them out), so they follow
 // DESIGN.md's rule for exportable keys: made by the token (C_GenerateRandom), kept only as
-// AES-256-GCM ciphertext under the token-resident master key (KeyService::seal_secret, AAD
+// ciphertext under the token-resident master key (KeyService::seal_secret: AES-256-GCM, or
+// aes-ctr-hmac where the module lacks GCM; keys/master_seal.hpp; AAD
 // "p11kms-keyring/<ns>/<id>", so a blob cannot be moved to another id or namespace). They are
 // not KeyService keys (they have no names, versions or lifecycle, and must not show up in the
 // other dialects' key lists), so they live in store settings next to the keys:
@@ -12,8 +13,15 @@
 // The instance's import key pair (the RSA key an export is made for) is a persistent token
 // object, CKA_DECRYPT/CKA_UNWRAP only, non-extractable; its CKA_ID and public PEM are the
 // setting keyring.import_key = "<hex id>\n<PEM>". Export format: docs/api/keyring.md.
+//
+// Vault strategy: the `root` namespace's keyring is a copy of a Vault KV v2 secret in Kong's
+// layout (each live version holds `id` and `key`; the latest live version is active), read
+// through a KeyringSource (app/vault_kv.cpp, the only code that speaks HTTP to Vault) at start-up
+// and on sync(). The copy is stored exactly as cluster keys are (sealed settings, created = the
+// Vault version number, so ids list in version order); generate/remove/import/export answer 400.
 #pragma once
 
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -26,9 +34,26 @@
 
 namespace p11kms::keys {
 
+// One live version of the vault strategy's KV v2 secret, its fields as Vault holds them (Kong's
+// layout: `id`, and `key` = base64 of the 32-byte key); Keyring::sync validates them.
+struct KvKeyVersion {
+  int version = 0;
+  std::optional<std::string> id;          // absent or not a string: nullopt
+  std::optional<hsm::SecretString> key;   // likewise
+};
+// Reads every live (not deleted, not destroyed) version of the secret, oldest first. Throws
+// KeyError: unavailable (503) when Vault cannot be reached or is sealed; bad_gateway (502) when
+// it refuses (403), has no such secret, or answers something that is not KV v2.
+using KeyringSource = std::function<std::vector<KvKeyVersion>()>;
+
+enum class KeyringStrategy { cluster, vault };
+
 struct KeyringOptions {
   // keyring.recipient_public_key_file's content (PEM, RSA >= 2048); empty: export answers 400.
   std::string recipient_public_key_pem;
+  KeyringStrategy strategy = KeyringStrategy::cluster;
+  KeyringSource vault_source;        // vault strategy: where sync() reads the keyring
+  std::string vault_description;     // "secret/keyring at https://vault:8200", for messages and logs
 };
 
 class Keyring {
@@ -70,9 +95,20 @@ class Keyring {
   // non-extractable; the caller wipes the PEM). 409 if one exists and not force; 400 a bad PEM.
   InitResult import_import_key(const hsm::SecretString& pem, bool force);
 
+  // Vault strategy: replaces the namespace's keyring with the secret's live versions (ids gone
+  // from Vault are removed, the latest version is active). Only the root namespace (400
+  // otherwise) and only under the vault strategy (400 otherwise). The secret is read and
+  // checked whole before anything is written: a Vault error (503/502) or a malformed version
+  // (502) leaves the keyring as it was. Returns the view after the sync.
+  View sync(const std::string& ns);
+  KeyringStrategy strategy() const { return options_.strategy; }
+  static constexpr const char* kVaultNamespace = "root";
+
   static bool valid_id(const std::string& id);
 
  private:
+  void require_cluster() const;  // 400 "only available with the cluster keyring strategy"
+
   struct Entry {
     std::string id;
     int64_t created_at = 0;
