@@ -31,6 +31,9 @@ struct Dialect {
   bool basic_auth = false;
   http::Response (*render)(const Reply& reply, const std::string& request_id) = nullptr;
   http::Response (*error)(int status, const std::string& code, const std::string& message) = nullptr;
+  // The request's parameters from its body (nullptr: a JSON object, as parse_body); Kong's
+  // dialects also take form encodings (api/form_body.hpp).
+  nlohmann::json (*parse_body)(const http::Request& request, size_t max_json_depth) = nullptr;
 
   // The policy path of a request: prefix + the route's policy pattern with the request's
   // parameters, or else the path after the mount (no trailing '/').
@@ -46,5 +49,7 @@ Dialect vault_dialect(const std::string& version);  // /v1/: transit, sys, auth
 Dialect kms_dialect();                              // /kms/api/v2/: Key Protect-style keys
 Dialect byok_dialect();                             // /byok/v1/: Confluent-style BYOK key registry
 Dialect keyring_dialect();                          // /keyring: Kong's keyring (cluster strategy)
+Dialect kong_keys_dialect();                        // /keys: Kong's keys (JWK/PEM), sign, decrypt
+Dialect kong_key_sets_dialect(bool jwks_public);    // /key-sets: Kong's key sets and their JWKS
 
 }  // namespace p11kms::api

@@ -20,6 +20,7 @@ class KeyService;
 class MountRegistry;
 class ByokRegistry;
 class Keyring;
+class KongKeys;
 }
 
 namespace p11kms::api {
@@ -73,6 +74,7 @@ struct Context {
   keys::MountRegistry* mounts = nullptr;
   keys::ByokRegistry* byok = nullptr;  // the BYOK key registry (byok dialect); nullptr: none
   keys::Keyring* keyring = nullptr;    // the Kong keyring (keyring dialect); nullptr: none
+  keys::KongKeys* kong = nullptr;      // Kong's keys and key sets (jwks dialect); nullptr: none
   const policy::TokenEntry* token = nullptr;
   std::map<std::string, std::string> params;  // from the URL pattern
   FieldData fields;
