@@ -29,6 +29,11 @@ void print_hsm_info(std::ostream& out, const hsm::TokenDescription& d) {
       std::string needs;
       for (const auto& n : c.needs) needs += (needs.empty() ? "" : ", ") + n.describe();
       out << "  " << std::setw(24) << "" << "   needs " << needs << "\n";
+      for (const auto& alt : c.alternatives) {
+        std::string other;
+        for (const auto& n : alt) other += (other.empty() ? "" : ", ") + n.describe();
+        out << "  " << std::setw(24) << "" << "   or else " << other << "\n";
+      }
       if (!c.available()) {
         std::string missing;
         for (const auto& n : c.missing) missing += (missing.empty() ? "" : ", ") + n.describe();

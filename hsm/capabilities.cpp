@@ -51,12 +51,14 @@ MechanismNeed need(CK_MECHANISM_TYPE type, CK_FLAGS flags, CK_ULONG key_size = 0
   return MechanismNeed{type, flags, key_size};
 }
 
-Capability make(CapabilityKind kind, std::string name, std::string description, std::vector<MechanismNeed> needs) {
+Capability make(CapabilityKind kind, std::string name, std::string description, std::vector<MechanismNeed> needs,
+                std::vector<std::vector<MechanismNeed>> alternatives = {}) {
   Capability c;
   c.kind = kind;
   c.name = std::move(name);
   c.description = std::move(description);
   c.needs = std::move(needs);
+  c.alternatives = std::move(alternatives);
   return c;
 }
 
@@ -94,8 +96,9 @@ std::vector<Capability> table_template() {
       make(K::key_type, cap::kDerived, "derived AES keys (Vault derived): C_DeriveKey per context, AES-GCM",
            {aes_gen, derive, gcm}),
       make(K::key_type, cap::kExportable,
-           "exportable keys (Vault exportable, KMS standard/extractable): sealed with AES-GCM under the master key",
-           {aes_gen, gcm}),
+           "exportable keys (Vault exportable, KMS standard/extractable): sealed under the master key with AES-GCM, "
+           "or else AES-CTR (keystream by CKM_AES_ECB) and HMAC-SHA-256",
+           {aes_gen, gcm}, {{aes_gen, need(CKM_AES_ECB, CKF_ENCRYPT), hmac_gen, hmac}}),
       make(K::key_type, cap::kImport, "imported keys (Vault secure import): RSA-OAEP then AES-KWP unwrap in the token",
            {need(CKM_RSA_PKCS_KEY_PAIR_GEN, CKF_GENERATE_KEY_PAIR, 4096), oaep, kwp}),
       make(K::operation, cap::kEncrypt, "encrypt, decrypt, rewrap, data keys (AES-GCM in the token)", {gcm}),
@@ -144,15 +147,22 @@ Capabilities::Capabilities(std::vector<MechanismInfo> mechanisms) : mechanisms_(
             [](const MechanismInfo& a, const MechanismInfo& b) { return a.type < b.type; });
   table_ = table_template();
   for (auto& c : table_) {
-    for (const auto& n : c.needs) {
-      auto i = info(n.type);
-      bool ok = i && (i->flags & n.flags) == n.flags;
-      // Key sizes: a module that reports a range (max != 0) must cover the size.
-      if (ok && n.key_size && i->max_key_size != 0)
-        ok = n.key_size >= i->min_key_size && n.key_size <= i->max_key_size;
-      if (!ok) c.missing.push_back(n);
-    }
+    c.missing = missing_of(c.needs);
+    for (const auto& alt : c.alternatives)
+      if (!c.missing.empty() && missing_of(alt).empty()) c.missing.clear();
   }
+}
+
+std::vector<MechanismNeed> Capabilities::missing_of(const std::vector<MechanismNeed>& needs) const {
+  std::vector<MechanismNeed> out;
+  for (const auto& n : needs) {
+    auto i = info(n.type);
+    bool ok = i && (i->flags & n.flags) == n.flags;
+    // Key sizes: a module that reports a range (max != 0) must cover the size.
+    if (ok && n.key_size && i->max_key_size != 0) ok = n.key_size >= i->min_key_size && n.key_size <= i->max_key_size;
+    if (!ok) out.push_back(n);
+  }
+  return out;
 }
 
 std::optional<MechanismInfo> Capabilities::info(CK_MECHANISM_TYPE type) const {
@@ -189,11 +199,16 @@ std::string Capabilities::refusal(CapabilityKind kind, const std::string& name, 
   const Capability* c = find(kind, name);
   if (c && c->available()) return "";
   if (!c) return what + " is not something the token's PKCS#11 module is known to support";
-  std::string list;
-  for (size_t i = 0; i < c->missing.size(); ++i) {
-    if (i) list += i + 1 == c->missing.size() ? " and " : ", ";
-    list += c->missing[i].describe();
-  }
+  auto names = [](const std::vector<MechanismNeed>& needs) {
+    std::string list;
+    for (size_t i = 0; i < needs.size(); ++i) {
+      if (i) list += i + 1 == needs.size() ? " and " : ", ";
+      list += needs[i].describe();
+    }
+    return list;
+  };
+  std::string list = names(c->missing);
+  for (const auto& alt : c->alternatives) list += ", or else " + names(missing_of(alt));
   return what + " needs " + list + ", which the token's PKCS#11 module does not offer (" + c->id() +
          " is unavailable); p11kms never does it outside the token";
 }

@@ -52,7 +52,13 @@ struct Capability {
   std::string name;         // key types: "aes256-gcm96", ...; operations: "encrypt/decrypt", ...
   std::string description;  // one line, for `hsm info`
   std::vector<MechanismNeed> needs;
-  std::vector<MechanismNeed> missing;  // the needs the module does not meet; empty = available
+  // Other sets of needs, each of which also makes the capability available when `needs` is not
+  // met (tried in order): e.g. exportable keys, sealed with AES-GCM or else with AES-CTR over
+  // CKM_AES_ECB plus HMAC-SHA-256 (keys/master_seal.hpp). Empty for most capabilities.
+  std::vector<std::vector<MechanismNeed>> alternatives;
+  // The needs the module does not meet; empty = available (`needs` or an alternative is met).
+  // When none is met these are the ones `needs` lacks.
+  std::vector<MechanismNeed> missing;
 
   bool available() const { return missing.empty(); }
   // "key type ed25519", "operation encrypt/decrypt": how health lists it.
@@ -109,6 +115,8 @@ class Capabilities {
   std::string refusal(CapabilityKind kind, const std::string& name, const std::string& what) const;
 
  private:
+  std::vector<MechanismNeed> missing_of(const std::vector<MechanismNeed>& needs) const;
+
   std::vector<MechanismInfo> mechanisms_;  // sorted by type
   std::vector<Capability> table_;
 };

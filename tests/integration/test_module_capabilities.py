@@ -5,16 +5,23 @@ p11kms loads p11-kit-client.so in front of `p11-kit server` (0.24, Debian 12), w
 drops CKM_AES_GCM, CKM_AES_KEY_WRAP(_PAD), CKM_EDDSA, CKM_EC_EDWARDS_KEY_PAIR_GEN,
 CKM_AES_ECB_ENCRYPT_DATA, CKM_SHA256_RSA_PKCS_PSS, ... while CKM_ECDSA, CKM_RSA_PKCS(_PSS) and
 the CKM_SHA*_HMAC family pass. Expected: HMAC, ECDSA and RSA keys work end to end (RSA-PSS
-through CKM_RSA_PKCS_PSS over a digest computed by p11kms); AES-GCM and ed25519 requests are
-refused with a 400 in the dialect's shape naming the operation and the missing mechanism (never
+through CKM_RSA_PKCS_PSS over a digest computed by p11kms); exportable keys are sealed under the
+master key with the aes-ctr-hmac scheme (AES-CTR keystream by CKM_AES_ECB in the token, then
+HMAC-SHA-256 in the token) and stay readable when the same store is later served with SoftHSM
+loaded directly; AES-GCM and ed25519 requests are refused with a 400 in the dialect's shape naming the operation and the missing mechanism (never
 a 500, never done outside the token); `p11kms hsm info` and health list what is missing. The
 same token loaded directly offers everything (the contrast that shows the table is read from
 the module, not assumed).
 """
 
 import base64
+import hashlib
+import hmac as pyhmac
 import os
+import sqlite3
 import subprocess
+
+import requests
 
 import pytest
 
@@ -144,6 +151,96 @@ def test_signing_keys_end_to_end(env, key_type, extra):
     assert r.status_code == 200 and r.json()["data"]["valid"] is False, describe(r)
 
 
+def sealed_blobs(env, name):
+    """{version: (sealed, hmac_sealed)} of a key in the remoting instance's SQLite store."""
+    db = sqlite3.connect("file:%s?mode=ro" % os.path.join(env.tmp, "remote.db"), uri=True)
+    try:
+        rows = db.execute("SELECT v.version, v.sealed, v.hmac_sealed FROM keys k JOIN key_versions v "
+                          "ON v.key_id = k.id WHERE k.name = ?", (name,)).fetchall()
+    finally:
+        db.close()
+    return {v: (sealed, hmac_sealed) for v, sealed, hmac_sealed in rows}
+
+
+def exported(server, kind, name):
+    r = server.request("GET", "/v1/transit/export/%s/%s" % (kind, name))
+    assert r.status_code == 200, describe(r)
+    return r.json()["data"]["keys"]["1"]
+
+
+def check_exportable_keys(server, mac_name, ec_name, want=None):
+    """HMAC, signature and export through `server`; returns what was exported (and checks it
+    equals `want` when given). The exported material is checked against what the token computed."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    got = {}
+    r = server.request("POST", "/v1/transit/hmac/%s/sha2-256" % mac_name, json={"input": b64("hello")})
+    assert r.status_code == 200, describe(r)
+    mac = base64.b64decode(r.json()["data"]["hmac"].split(":", 2)[2])
+    got["hmac-key"] = exported(server, "hmac-key", mac_name)
+    assert pyhmac.new(base64.b64decode(got["hmac-key"]), b"hello", hashlib.sha256).digest() == mac
+
+    r = server.request("POST", "/v1/transit/sign/%s/sha2-256" % ec_name, json={"input": b64("message")})
+    assert r.status_code == 200, describe(r)
+    sig = base64.b64decode(r.json()["data"]["signature"].split(":", 2)[2])
+    got["signing-key"] = exported(server, "signing-key", ec_name)
+    private = serialization.load_pem_private_key(got["signing-key"].encode(), password=None)
+    private.public_key().verify(sig, b"message", ec.ECDSA(hashes.SHA256()))  # raises if not its key
+    # The per-version HMAC key of a non-HMAC key is sealed the same way.
+    r = server.request("POST", "/v1/transit/hmac/%s/sha2-256" % ec_name, json={"input": b64("hello")})
+    assert r.status_code == 200, describe(r)
+    ec_mac = base64.b64decode(r.json()["data"]["hmac"].split(":", 2)[2])
+    got["ec-hmac-key"] = exported(server, "hmac-key", ec_name)
+    assert pyhmac.new(base64.b64decode(got["ec-hmac-key"]), b"hello", hashlib.sha256).digest() == ec_mac
+    if want is not None:
+        assert got == want
+    return got
+
+
+def test_exportable_keys_through_remoting_and_after_a_direct_restart(env):
+    # Through remoting (no CKM_AES_GCM): the master key seals with aes-ctr-hmac.
+    for name, key_type in (("exp-mac", "hmac"), ("exp-ec", "ecdsa-p256")):
+        r = req(env, "POST", "/v1/transit/keys/" + name, json={"type": key_type, "exportable": True})
+        assert r.status_code in (200, 204), describe(r)
+    before = check_exportable_keys(env.server, "exp-mac", "exp-ec")
+    mac_blobs, ec_blobs = sealed_blobs(env, "exp-mac"), sealed_blobs(env, "exp-ec")
+    assert mac_blobs[1][0].startswith("aes-ctr-hmac:"), mac_blobs
+    assert ec_blobs[1][0].startswith("aes-ctr-hmac:"), ec_blobs
+    assert ec_blobs[1][1].startswith("aes-ctr-hmac:"), ec_blobs   # its per-version HMAC key
+    for secret in before.values():
+        for blobs in (mac_blobs, ec_blobs):
+            assert secret not in str(blobs)
+
+    # The same store served with SoftHSM loaded directly (AES-GCM available): the blobs open and
+    # the keys work and export the same material.
+    assert env.server.stop() == 0, env.server.log_tail()
+    port = cs.free_port()
+    cfg = os.path.join(env.tmp, "direct-restart.yaml")
+    with open(cfg, "w") as f:
+        f.write(cs.config_text(port, cs.SOFTHSM_MODULE, env.token.label,
+                               cs.token_hash(env.api_token), store_path="remote.db"))
+    direct = cs.ConfiguredServer(cfg, env.token.env(), token=env.api_token, port=port,
+                                 log_path=os.path.join(env.tmp, "direct-restart.log"))
+    try:
+        direct.start()
+        check_exportable_keys(direct, "exp-mac", "exp-ec", want=before)
+        # New blobs made directly are AES-GCM, with their scheme recorded.
+        r = direct.request("POST", "/v1/transit/keys/exp-direct", json={"type": "hmac", "exportable": True})
+        assert r.status_code in (200, 204), describe(r)
+        assert sealed_blobs(env, "exp-direct")[1][0].startswith("aes-gcm:")
+    finally:
+        try:
+            assert direct.stop() == 0, direct.log_tail()
+        finally:
+            env.server.session = requests.Session()
+            env.server.start()
+    # Back through remoting: its own blobs still open; the AES-GCM one is a clear 400.
+    check_exportable_keys(env.server, "exp-mac", "exp-ec", want=before)
+    r = req(env, "POST", "/v1/transit/hmac/exp-direct/sha2-256", json={"input": b64("x")})
+    assert_refused(r, "CKM_AES_GCM")
+
+
 def test_random_still_works(env):
     r = req(env, "POST", "/v1/transit/random/16", json={})
     assert r.status_code == 200, describe(r)
@@ -162,11 +259,6 @@ def test_aes_key_creation_is_refused_naming_aes_gcm(env):
 def test_ed25519_key_creation_is_refused_naming_eddsa(env):
     r = req(env, "POST", "/v1/transit/keys/ed", json={"type": "ed25519"})
     assert_refused(r, "ed25519", "CKM_EC_EDWARDS_KEY_PAIR_GEN", "CKM_EDDSA")
-
-
-def test_exportable_keys_are_refused_master_key_needs_aes_gcm(env):
-    r = req(env, "POST", "/v1/transit/keys/exp", json={"type": "ecdsa-p256", "exportable": True})
-    assert_refused(r, "exportable", "CKM_AES_GCM")
 
 
 def test_derived_keys_are_refused(env):
@@ -215,10 +307,10 @@ def test_health_lists_unavailable_operations(env):
     assert r.status_code == 200, describe(r)
     hsm = r.json()["hsm"]
     missing = hsm["unavailable_operations"]
-    for op in ("key type aes256-gcm96", "key type ed25519", "key type exportable",
+    for op in ("key type aes256-gcm96", "key type ed25519",
                "operation encrypt/decrypt", "operation wrap/unwrap", "operation sign ed25519"):
         assert op in missing, (op, missing)
-    for op in ("key type hmac", "key type ecdsa-p256", "key type rsa-2048",
+    for op in ("key type hmac", "key type ecdsa-p256", "key type rsa-2048", "key type exportable",
                "operation sign rsa-pss", "operation sign ecdsa", "operation hmac"):
         assert op not in missing, (op, missing)
     assert any("CKM_EDDSA" in m for m in hsm["missing_mechanisms"]["key type ed25519"]), hsm
@@ -235,6 +327,7 @@ def test_hsm_info_through_remoting_shows_what_is_missing(env):
     unavailable = text.split("\nunavailable (")[1]
     assert "key type ed25519" in unavailable and "operation encrypt/decrypt" in unavailable, text
     assert "key type hmac" not in unavailable, text
+    assert "key type exportable" not in unavailable, text   # sealed with aes-ctr-hmac instead
 
 
 def test_hsm_info_direct_has_everything(env):

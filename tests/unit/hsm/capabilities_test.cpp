@@ -68,9 +68,9 @@ TEST(Capabilities, EverythingAvailableOnAFullModule) {
   EXPECT_EQ(c.refusal(K::key_type, cap::kEd25519, "creating an ed25519 key"), "");
 }
 
-TEST(Capabilities, RemotingLosesAesGcmEd25519DerivationImportAndExportable) {
+TEST(Capabilities, RemotingLosesAesGcmEd25519DerivationAndImport) {
   Capabilities c(remoting_like());
-  for (const char* name : {cap::kAes128, cap::kAes256, cap::kEd25519, cap::kDerived, cap::kExportable, cap::kImport})
+  for (const char* name : {cap::kAes128, cap::kAes256, cap::kEd25519, cap::kDerived, cap::kImport})
     EXPECT_FALSE(c.available(K::key_type, name)) << name;
   for (const char* name : {cap::kEncrypt, cap::kWrap, cap::kSignEd25519, cap::kDerive, cap::kConvergent, cap::kImportOp})
     EXPECT_FALSE(c.available(K::operation, name)) << name;
@@ -78,6 +78,8 @@ TEST(Capabilities, RemotingLosesAesGcmEd25519DerivationImportAndExportable) {
   // over a digest even though CKM_SHA256_RSA_PKCS_PSS is gone.
   for (const char* name : {cap::kEcdsaP256, cap::kEcdsaP384, cap::kRsa2048, cap::kRsa3072, cap::kRsa4096, cap::kHmac})
     EXPECT_TRUE(c.available(K::key_type, name)) << name;
+  // Exportable keys too: sealed with AES-CTR (keystream by CKM_AES_ECB) + HMAC-SHA-256 instead.
+  EXPECT_TRUE(c.available(K::key_type, cap::kExportable));
   for (const char* name : {cap::kSignEcdsa, cap::kSignRsaPss, cap::kSignRsaPkcs1, cap::kHmacOp})
     EXPECT_TRUE(c.available(K::operation, name)) << name;
 
@@ -136,6 +138,37 @@ TEST(Capabilities, RsaKeySizesOutsideTheModulesRangeAreUnavailable) {
   EXPECT_NE(why.find("CKM_RSA_PKCS_KEY_PAIR_GEN (generate_key_pair, 4096-bit)"), std::string::npos) << why;
   // The import wrapping key is RSA-4096 too.
   EXPECT_FALSE(c.available(K::key_type, cap::kImport));
+}
+
+// Exportable keys: AES-GCM, or else CKM_AES_ECB (encrypt) + CKM_SHA256_HMAC (sign) with their key
+// generation; available when either set is met, refused naming both otherwise.
+TEST(Capabilities, ExportableNeedsGcmOrElseEcbAndHmac) {
+  auto without = [](std::vector<MechanismInfo> mechs, std::initializer_list<CK_MECHANISM_TYPE> gone) {
+    std::vector<MechanismInfo> out;
+    for (const auto& x : mechs)
+      if (std::find(gone.begin(), gone.end(), x.type) == gone.end()) out.push_back(x);
+    return out;
+  };
+  // GCM alone is enough (no ECB, no HMAC).
+  EXPECT_TRUE(Capabilities(without(softhsm_like(), {CKM_AES_ECB, CKM_SHA256_HMAC}))
+                  .available(K::key_type, cap::kExportable));
+  // No GCM: ECB + HMAC + generic secret generation.
+  EXPECT_TRUE(Capabilities(without(softhsm_like(), {CKM_AES_GCM})).available(K::key_type, cap::kExportable));
+  for (CK_MECHANISM_TYPE lost : {CKM_AES_ECB, CKM_SHA256_HMAC, CKM_GENERIC_SECRET_KEY_GEN}) {
+    Capabilities c(without(softhsm_like(), {CKM_AES_GCM, lost}));
+    EXPECT_FALSE(c.available(K::key_type, cap::kExportable)) << mechanism_name(lost);
+    auto why = c.refusal(K::key_type, cap::kExportable, "creating an exportable key");
+    EXPECT_NE(why.find("CKM_AES_GCM (encrypt,decrypt)"), std::string::npos) << why;
+    EXPECT_NE(why.find("or else " + mechanism_name(lost)), std::string::npos) << why;
+    EXPECT_TRUE(contains(c.unavailable(), "key type exportable"));
+  }
+  // ECB that only decrypts does not give a keystream.
+  auto mechs = without(softhsm_like(), {CKM_AES_GCM});
+  for (auto& x : mechs)
+    if (x.type == CKM_AES_ECB) x.flags = CKF_DECRYPT;
+  EXPECT_FALSE(Capabilities(mechs).available(K::key_type, cap::kExportable));
+  // Without AES key generation neither scheme can make its master key.
+  EXPECT_FALSE(Capabilities(without(softhsm_like(), {CKM_AES_KEY_GEN})).available(K::key_type, cap::kExportable));
 }
 
 TEST(Capabilities, EmptyModuleOffersNothing) {
