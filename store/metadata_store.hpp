@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -80,12 +81,27 @@ struct KeyRecord {
 
 // A committed promise, written before a token object is created (or after its metadata is
 // removed): "an object with this CKA_ID may exist and must be destroyed unless a version
-// refers to it". A sweeper settles intents at start-up, so a crash anywhere leaves either a
-// usable key or an object that is safe to remove.
+// refers to it". A sweeper settles intents at start-up and periodically, so a crash anywhere
+// leaves either a usable key or an object that is safe to remove.
 struct Intent {
   std::string object_id;   // hex CKA_ID
   std::string label;       // CKA_LABEL, for logs
   int64_t created_at = 0;  // unix seconds
+  // Several writers (schema 5): the instance creating the object, and until when (unix
+  // seconds) nobody else may destroy it; the owner renews that lease while it works. "" and 0
+  // on intents written before schema 5.
+  std::string owner;
+  int64_t lease_expires = 0;
+  // An order to destroy the object, never to keep it: a deletion's or a trim's intent, or one a
+  // sweeper claimed. Committing metadata that names a doomed intent's object fails.
+  bool doomed = false;
+};
+
+// A p11kms instance's heartbeat row (schema 5).
+struct InstanceRecord {
+  std::string id;
+  int64_t started_at = 0;  // unix seconds of its first heartbeat
+  int64_t last_seen = 0;   // unix seconds of its latest heartbeat
 };
 
 // A BYOK registry entry (Confluent-style /byok/v1/keys): a reference to a customer-managed key,
@@ -138,6 +154,19 @@ class MetadataStore {
   // A key by its UUID within a namespace: live, or its tombstone (state kDestroyed, deleted_at
   // set, versions without object_id or sealed material).
   virtual std::optional<KeyRecord> get_key_by_id(const std::string& ns, const std::string& id) = 0;
+  // What a cached copy of the live key (ns, name) is checked against: its id and generation
+  // (bumped by every write), read without the versions. nullopt when no live key has the name.
+  struct KeyStamp {
+    std::string id;
+    int64_t generation = 0;
+  };
+  virtual std::optional<KeyStamp> key_stamp(const std::string& ns, const std::string& name) = 0;
+  // Calls listener(ns, name), from a thread of the store's, after a write to that key commits
+  // in any instance sharing the store (PostgreSQL LISTEN/NOTIFY); ("", "") means "maybe
+  // anything" (the listener reconnected and may have missed some). Best effort: a cache still
+  // checks key_stamp before use. Stores no other process writes never call it.
+  virtual void on_key_change(std::function<void(const std::string&, const std::string&)> listener) { (void)listener; }
+
   // Names of the live keys in one namespace, sorted ascending.
   virtual std::vector<std::string> list_keys(const std::string& ns) = 0;
   // Full records (with versions) of one namespace's keys in creation order (ties within one
@@ -145,17 +174,35 @@ class MetadataStore {
   // include_deleted, tombstones too.
   virtual std::vector<KeyRecord> list_key_records(const std::string& ns, bool include_deleted) = 0;
 
+  // Idempotent: an intent that exists keeps what it has.
   virtual void add_intent(const Intent& intent) = 0;
   virtual void remove_intent(const std::string& object_id) = 0;
   virtual std::vector<Intent> list_intents() = 0;
+  // Extends to lease_expires (never shortens) the leases of owner's intents among object_ids
+  // that are not doomed.
+  virtual void renew_intents(const std::string& owner, const std::vector<std::string>& object_ids,
+                             int64_t lease_expires) = 0;
+  // A sweeper's claim on an intent whose object it wants to destroy: marks it doomed, in one
+  // step, if it already is, or if its lease has expired at `now` and its owner is the claimant
+  // or has no heartbeat at or after alive_since. True when the claimant may destroy the object
+  // (then removes the intent); false when the intent is gone (its metadata committed, or
+  // another sweeper finished) or still protected.
+  virtual bool claim_intent(const std::string& object_id, const std::string& claimant, int64_t now,
+                            int64_t alive_since) = 0;
+  // Instance heartbeats: records that the instance is alive at `now` (creating its row).
+  virtual void heartbeat(const std::string& instance_id, int64_t now) = 0;
+  virtual void remove_instance(const std::string& instance_id) = 0;  // a clean shutdown
+  virtual std::vector<InstanceRecord> list_instances() = 0;           // sorted by id
 
   // Inserts the key with its versions (normally just v1) and removes the intents of those
   // versions' objects, in one transaction. ConflictError if a live key has (ns, name), or if
-  // the key's id or a version's id was ever used.
+  // the key's id or a version's id was ever used; StoreError, nothing written, if one of those
+  // intents is doomed (a sweeper claimed it).
   virtual void create_key(const KeyRecord& key) = 0;
 
   // Appends a version and removes its intent in one transaction, bumping generation.
-  // ConflictError if that version number exists; std::out_of_range if the key is gone.
+  // ConflictError if that version number exists; std::out_of_range if the key is gone;
+  // StoreError if its intent is doomed.
   virtual void add_version(const std::string& ns, const std::string& name,
                            const VersionRecord& version) = 0;
 
@@ -167,13 +214,13 @@ class MetadataStore {
 
   // Turns the live key into a tombstone (state kDestroyed, deleted_at now, every version's
   // object_id and sealed material cleared, its name free again) and, in the same transaction,
-  // records an intent for each version's object, so the objects are destroyed even if the
+  // records a doomed intent for each version's object, so the objects are destroyed even if the
   // process dies right after. Returns those intents; out_of_range if no live key has the name.
   virtual std::vector<Intent> delete_key(const std::string& ns, const std::string& name) = 0;
 
   // Vault's trim: removes the versions below min_available_version from the live key (ns, name)
   // and records min_available_version, bumping generation; in the same transaction it records
-  // an intent for each removed version's token objects (material and HMAC key) and returns
+  // a doomed intent for each removed version's token objects (material and HMAC key) and returns
   // them, so the objects are destroyed even if the process dies right after. out_of_range if
   // there is no such live key.
   virtual std::vector<Intent> trim_versions(const std::string& ns, const std::string& name,
@@ -181,7 +228,8 @@ class MetadataStore {
 
   // Records a version's HMAC key (exactly one of hmac_object_id and hmac_sealed) and removes
   // the object's intent, bumping generation. Returns false, changing nothing, if that version
-  // already has one (another writer won); out_of_range if the live key or version is absent.
+  // already has one (another writer won); out_of_range if the live key or version is absent;
+  // StoreError if the object's intent is doomed.
   virtual bool set_version_hmac(const std::string& ns, const std::string& name, int version,
                                 const std::string& hmac_object_id, const std::string& hmac_sealed) = 0;
 
@@ -209,6 +257,11 @@ class MetadataStore {
   // Writes the setting only if it has none; returns the value it has afterwards (ours, or the
   // one another instance wrote first).
   virtual std::string put_setting_if_absent(const std::string& name, const std::string& value) = 0;
+  // Writes the setting and removes the intent of the token object it names, in one
+  // transaction (registries kept in settings, e.g. Kong keys, commit their objects this way).
+  // StoreError, writing nothing, if a sweeper has claimed the intent.
+  virtual void put_setting_settling_intent(const std::string& name, const std::string& value,
+                                           const std::string& object_id) = 0;
   // A lease for a background job that one instance at a time must run: true when `holder`
   // holds lease `name` until now + ttl_s (taken, renewed, or taken over once expired).
   virtual bool take_lease(const std::string& name, const std::string& holder, int64_t now, int64_t ttl_s) = 0;

@@ -12,8 +12,10 @@
 #include <ctime>
 #include <iterator>
 #include <memory>
+#include <functional>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -123,6 +125,19 @@ CREATE TABLE byok_keys (
 );
 CREATE INDEX byok_keys_ns_live ON byok_keys (ns, id) WHERE deleted_at = 0;
 CREATE INDEX byok_keys_kind_live ON byok_keys (kind, ns, id) WHERE deleted_at = 0;
+)sql",
+    // 5: several writers. An intent names the instance creating its object and how long that
+    // instance's lease on it lasts; a doomed intent is an order to destroy the object (a
+    // deletion's, a trim's, or one a sweeper claimed). Instances record heartbeats.
+    R"sql(
+ALTER TABLE intents ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+ALTER TABLE intents ADD COLUMN lease_expires BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE intents ADD COLUMN doomed BOOLEAN NOT NULL DEFAULT false;
+CREATE TABLE instances (
+  id         TEXT   PRIMARY KEY,
+  started_at BIGINT NOT NULL,
+  last_seen  BIGINT NOT NULL
+);
 )sql",
 };
 
@@ -277,6 +292,15 @@ class Transaction {
   bool committed_ = false;
 };
 
+const char* const kIntentColumns = "SELECT object_id, label, created_at, owner, lease_expires, doomed FROM intents ";
+
+std::vector<Intent> read_intents(const Rows& q) {
+  std::vector<Intent> out;
+  for (int i = 0; i < q.size(); ++i)
+    out.push_back(Intent{q.text(i, 0), q.text(i, 1), q.int64(i, 2), q.text(i, 3), q.int64(i, 4), q.boolean(i, 5)});
+  return out;
+}
+
 const char* const kKeyColumns =
     "SELECT k.id, k.uuid, k.ns, k.name, k.type, k.created_at, k.min_decryption_version,"
     " k.min_encryption_version, k.deletion_allowed, k.exportable, k.description, k.expires_at,"
@@ -346,7 +370,7 @@ void check_version(const VersionRecord& v) {
 
 class PostgresStore final : public MetadataStore {
  public:
-  explicit PostgresStore(const std::string& dsn) : conn_(dsn) { migrate(); }
+  explicit PostgresStore(const std::string& dsn) : dsn_(dsn), conn_(dsn) { migrate(); }
 
   std::optional<KeyRecord> get_key(const std::string& ns, const std::string& name) override {
     auto keys = read(std::string(kKeyColumns) + "WHERE k.ns = $1 AND k.name = $2 AND k.deleted_at = 0 ORDER BY k.id, v.version",
@@ -392,10 +416,59 @@ class PostgresStore final : public MetadataStore {
   std::vector<Intent> list_intents() override {
     std::lock_guard<std::mutex> lock(mu_);
     conn_.ensure();
-    auto q = conn_.exec("list intents",
-                        "SELECT object_id, label, created_at FROM intents ORDER BY created_at, object_id COLLATE \"C\"");
-    std::vector<Intent> out;
-    for (int i = 0; i < q.size(); ++i) out.push_back(Intent{q.text(i, 0), q.text(i, 1), q.int64(i, 2)});
+    auto q = conn_.exec("list intents", std::string(kIntentColumns) + "ORDER BY created_at, object_id COLLATE \"C\"");
+    return read_intents(q);
+  }
+
+  void renew_intents(const std::string& owner, const std::vector<std::string>& object_ids,
+                     int64_t lease_expires) override {
+    if (object_ids.empty()) return;
+    std::string ids = "{";
+    for (size_t i = 0; i < object_ids.size(); ++i) ids += (i ? "," : "") + ("\"" + object_ids[i] + "\"");
+    ids += "}";
+    std::lock_guard<std::mutex> lock(mu_);
+    conn_.ensure();
+    conn_.exec("renew intents",
+               "UPDATE intents SET lease_expires = greatest(lease_expires, $2)"
+               " WHERE owner = $1 AND NOT doomed AND object_id = ANY($3::text[])",
+               {p(owner), p(lease_expires), p(ids)});
+  }
+
+  bool claim_intent(const std::string& object_id, const std::string& claimant, int64_t now,
+                    int64_t alive_since) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    conn_.ensure();
+    // One statement: the row lock orders it against the owner's settling transaction, and the
+    // conditions are checked again on the row as it is once that transaction is over.
+    auto q = conn_.exec("claim intent",
+                        "UPDATE intents i SET doomed = true WHERE object_id = $1 AND (doomed OR (lease_expires <= $3"
+                        " AND (owner = $2 OR NOT EXISTS (SELECT 1 FROM instances n WHERE n.id = i.owner"
+                        " AND n.last_seen >= $4)))) RETURNING object_id",
+                        {p(object_id), p(claimant), p(now), p(alive_since)});
+    return q.size() > 0;
+  }
+
+  void heartbeat(const std::string& instance_id, int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    conn_.ensure();
+    conn_.exec("heartbeat",
+               "INSERT INTO instances (id, started_at, last_seen) VALUES ($1, $2, $2)"
+               " ON CONFLICT (id) DO UPDATE SET last_seen = greatest(instances.last_seen, excluded.last_seen)",
+               {p(instance_id), p(now)});
+  }
+
+  void remove_instance(const std::string& instance_id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    conn_.ensure();
+    conn_.exec("remove instance", "DELETE FROM instances WHERE id = $1", {p(instance_id)});
+  }
+
+  std::vector<InstanceRecord> list_instances() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    conn_.ensure();
+    auto q = conn_.exec("list instances", "SELECT id, started_at, last_seen FROM instances ORDER BY id COLLATE \"C\"");
+    std::vector<InstanceRecord> out;
+    for (int i = 0; i < q.size(); ++i) out.push_back(InstanceRecord{q.text(i, 0), q.int64(i, 1), q.int64(i, 2)});
     return out;
   }
 
@@ -432,9 +505,10 @@ class PostgresStore final : public MetadataStore {
       for (const auto& entry : key.versions) {
         check_version_id_unused(entry.second.id);
         insert_version(key_id, entry.second);
-        if (!entry.second.object_id.empty()) delete_intent(entry.second.object_id);
-        if (!entry.second.hmac_object_id.empty()) delete_intent(entry.second.hmac_object_id);
+        if (!entry.second.object_id.empty()) settle_intent(entry.second.object_id);
+        if (!entry.second.hmac_object_id.empty()) settle_intent(entry.second.hmac_object_id);
       }
+      notify_key_change(key.ns, key.name);
       tx.commit();
     } catch (const UniqueViolation& e) {
       // Another instance won a race for the same name or id.
@@ -459,9 +533,10 @@ class PostgresStore final : public MetadataStore {
                             "' already exists");
       check_version_id_unused(version.id);
       insert_version(key_id, version);
-      if (!version.object_id.empty()) delete_intent(version.object_id);
-      if (!version.hmac_object_id.empty()) delete_intent(version.hmac_object_id);
+      if (!version.object_id.empty()) settle_intent(version.object_id);
+      if (!version.hmac_object_id.empty()) settle_intent(version.hmac_object_id);
       bump_generation(key_id);
+      notify_key_change(ns, name);
       tx.commit();
     } catch (const UniqueViolation& e) {
       throw ConflictError(e.what());
@@ -482,6 +557,33 @@ class PostgresStore final : public MetadataStore {
          p(key.exportable), p(key.description), p(key.expires_at), p(key.state), p(key.updated_at),
          p(key.auto_rotate_period)});
     if (q.affected() == 0) throw std::out_of_range("key '" + key.name + "' not found in namespace '" + key.ns + "'");
+    notify_key_change(key.ns, key.name);
+  }
+
+  std::optional<KeyStamp> key_stamp(const std::string& ns, const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    conn_.ensure();
+    auto q = conn_.exec("read key stamp", "SELECT uuid, generation FROM keys WHERE ns = $1 AND name = $2 AND deleted_at = 0",
+                        {p(ns), p(name)});
+    if (q.size() == 0) return std::nullopt;
+    return KeyStamp{q.text(0, 0), q.int64(0, 1)};
+  }
+
+  // LISTEN on a connection of its own, in a thread of its own; (re)connecting calls the
+  // listener with ("", "") since notifications may have been missed meanwhile.
+  void on_key_change(std::function<void(const std::string&, const std::string&)> listener) override {
+    std::lock_guard<std::mutex> lk(listen_mu_);
+    listener_ = std::move(listener);  // an empty one detaches the previous listener
+    if (listener_ && !listen_thread_.joinable()) listen_thread_ = std::thread([this] { listen_loop(); });
+  }
+
+  ~PostgresStore() override {
+    {
+      std::lock_guard<std::mutex> lk(listen_mu_);
+      listen_stop_ = true;
+    }
+    if (listen_thread_.joinable()) listen_thread_.join();
+    if (!dsn_.empty()) OPENSSL_cleanse(&dsn_[0], dsn_.size());
   }
 
   std::vector<Intent> delete_key(const std::string& ns, const std::string& name) override {
@@ -502,7 +604,10 @@ class PostgresStore final : public MetadataStore {
       if (!v.is_null(i, 1)) intents.push_back(Intent{v.text(i, 1), version_label(ns, name, v.int32(i, 0)), now});
       if (!v.is_null(i, 2)) intents.push_back(Intent{v.text(i, 2), version_label(ns, name, v.int32(i, 0)) + "/hmac", now});
     }
-    for (const Intent& intent : intents) insert_intent(intent);
+    for (Intent& intent : intents) {
+      intent.doomed = true;
+      insert_intent(intent);
+    }
     conn_.exec("clear versions for delete",
                "UPDATE key_versions SET object_id = NULL, sealed = NULL, hmac_object_id = NULL, hmac_sealed = NULL"
                " WHERE key_id = $1",
@@ -514,6 +619,7 @@ class PostgresStore final : public MetadataStore {
     conn_.exec("record deleted generation",
                "UPDATE counters SET value = greatest(value, $1) WHERE name = 'max_deleted_generation'",
                {p(g.int64(0, 0))});
+    notify_key_change(ns, name);
     tx.commit();
     return intents;
   }
@@ -536,13 +642,17 @@ class PostgresStore final : public MetadataStore {
       if (!v.is_null(i, 1)) intents.push_back(Intent{v.text(i, 1), version_label(ns, name, v.int32(i, 0)), now});
       if (!v.is_null(i, 2)) intents.push_back(Intent{v.text(i, 2), version_label(ns, name, v.int32(i, 0)) + "/hmac", now});
     }
-    for (const Intent& intent : intents) insert_intent(intent);
+    for (Intent& intent : intents) {
+      intent.doomed = true;
+      insert_intent(intent);
+    }
     conn_.exec("trim versions", "DELETE FROM key_versions WHERE key_id = $1 AND version < $2",
                {p(key_id), p(min_available_version)});
     conn_.exec("record min available version",
                "UPDATE keys SET min_available_version = greatest(min_available_version, $2), updated_at = $3,"
                " generation = generation + 1 WHERE id = $1",
                {p(key_id), p(min_available_version), p(now)});
+    notify_key_change(ns, name);
     tx.commit();
     return intents;
   }
@@ -567,8 +677,9 @@ class PostgresStore final : public MetadataStore {
     conn_.exec("write version hmac key",
                "UPDATE key_versions SET hmac_object_id = $3, hmac_sealed = $4 WHERE key_id = $1 AND version = $2",
                {p(key_id), p(version), text_or_null(hmac_object_id), text_or_null(hmac_sealed)});
-    if (!hmac_object_id.empty()) delete_intent(hmac_object_id);
+    if (!hmac_object_id.empty()) settle_intent(hmac_object_id);
     bump_generation(key_id);
+    notify_key_change(ns, name);
     tx.commit();
     return true;
   }
@@ -646,6 +757,18 @@ class PostgresStore final : public MetadataStore {
     conn_.exec("write setting",
                "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                {p(name), p(value)});
+  }
+
+  void put_setting_settling_intent(const std::string& name, const std::string& value,
+                                   const std::string& object_id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    conn_.ensure();
+    Transaction tx(conn_);
+    settle_intent(object_id);
+    conn_.exec("write setting",
+               "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+               {p(name), p(value)});
+    tx.commit();
   }
 
   std::string put_setting_if_absent(const std::string& name, const std::string& value) override {
@@ -779,8 +902,7 @@ class PostgresStore final : public MetadataStore {
       Transaction tx(conn_);
       conn_.exec("snapshot isolation", "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ");
       out.keys = read_keys(conn_.exec("snapshot keys", std::string(kKeyColumns) + "ORDER BY k.id, v.version"));
-      auto i = conn_.exec("snapshot intents", "SELECT object_id, label, created_at FROM intents ORDER BY object_id");
-      for (int r = 0; r < i.size(); ++r) out.intents.push_back(Intent{i.text(r, 0), i.text(r, 1), i.int64(r, 2)});
+      out.intents = read_intents(conn_.exec("snapshot intents", std::string(kIntentColumns) + "ORDER BY object_id"));
       auto st = conn_.exec("snapshot settings", "SELECT name, value FROM settings ORDER BY name COLLATE \"C\"");
       for (int r = 0; r < st.size(); ++r) out.settings.emplace_back(st.text(r, 0), st.text(r, 1));
       out.max_deleted_generation = max_deleted_generation();
@@ -932,12 +1054,66 @@ class PostgresStore final : public MetadataStore {
 
   void insert_intent(const Intent& intent) {
     conn_.exec("insert intent",
-               "INSERT INTO intents (object_id, label, created_at) VALUES ($1, $2, $3) ON CONFLICT (object_id) DO NOTHING",
-               {p(intent.object_id), p(intent.label), p(intent.created_at)});
+               "INSERT INTO intents (object_id, label, created_at, owner, lease_expires, doomed)"
+               " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (object_id) DO NOTHING",
+               {p(intent.object_id), p(intent.label), p(intent.created_at), p(intent.owner), p(intent.lease_expires),
+                p(intent.doomed)});
+  }
+
+  // The metadata naming an object is committed: its intent goes, unless a sweeper has claimed
+  // it (the object is being destroyed), which aborts the whole write.
+  void settle_intent(const std::string& object_id) {
+    auto q = conn_.exec("settle intent", "DELETE FROM intents WHERE object_id = $1 RETURNING doomed", {p(object_id)});
+    if (q.size() > 0 && q.boolean(0, 0))
+      throw StoreError("postgres metadata store: the intent of object " + object_id +
+                       " was claimed by a sweeper (its lease expired); nothing was written");
   }
 
   void delete_intent(const std::string& object_id) {
     conn_.exec("delete intent", "DELETE FROM intents WHERE object_id = $1", {p(object_id)});
+  }
+
+  // Delivered to every listening instance when the transaction commits.
+  void notify_key_change(const std::string& ns, const std::string& name) {
+    conn_.exec("notify key change", "SELECT pg_notify('p11kms_keys', $1)", {p(ns + "\n" + name)});
+  }
+
+  void tell(const std::string& ns, const std::string& name) {
+    std::lock_guard<std::mutex> lk(listen_mu_);
+    if (listener_) listener_(ns, name);
+  }
+
+  bool listen_stopping() {
+    std::lock_guard<std::mutex> lk(listen_mu_);
+    return listen_stop_;
+  }
+
+  void listen_loop() {
+    std::unique_ptr<Connection> c;
+    while (!listen_stopping()) {
+      try {
+        if (!c) {
+          c = std::make_unique<Connection>(dsn_);
+          c->exec("listen for key changes", "LISTEN p11kms_keys");
+          tell("", "");
+        }
+        pollfd pfd{PQsocket(c->handle()), POLLIN, 0};
+        if (pfd.fd < 0) throw StoreError("listener connection lost");
+        if (::poll(&pfd, 1, 250) > 0) {
+          if (PQconsumeInput(c->handle()) == 0 || PQstatus(c->handle()) != CONNECTION_OK)
+            throw StoreError("listener connection lost");
+          while (PGnotify* n = PQnotifies(c->handle())) {
+            std::string payload = n->extra ? n->extra : "";
+            PQfreemem(n);
+            auto nl = payload.find('\n');
+            if (nl != std::string::npos) tell(payload.substr(0, nl), payload.substr(nl + 1));
+          }
+        }
+      } catch (const std::exception&) {
+        c.reset();
+        for (int i = 0; i < 4 && !listen_stopping(); ++i) ::poll(nullptr, 0, 250);
+      }
+    }
   }
 
   void bump_generation(int64_t key_id) {
@@ -945,7 +1121,12 @@ class PostgresStore final : public MetadataStore {
   }
 
   std::mutex mu_;
+  std::string dsn_;  // for the listener's own connection
   Connection conn_;
+  std::mutex listen_mu_;
+  bool listen_stop_ = false;
+  std::function<void(const std::string&, const std::string&)> listener_;
+  std::thread listen_thread_;
 };
 
 }  // namespace

@@ -170,6 +170,19 @@ CREATE TABLE byok_keys (
 CREATE INDEX byok_keys_ns_live ON byok_keys (ns, id) WHERE deleted_at = 0;
 CREATE INDEX byok_keys_kind_live ON byok_keys (kind, ns, id) WHERE deleted_at = 0;
 )sql",
+    // 5: several writers. An intent names the instance creating its object and how long that
+    // instance's lease on it lasts; a doomed intent is an order to destroy the object (a
+    // deletion's, a trim's, or one a sweeper claimed). Instances record heartbeats.
+    R"sql(
+ALTER TABLE intents ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+ALTER TABLE intents ADD COLUMN lease_expires INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE intents ADD COLUMN doomed INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE instances (
+  id         TEXT    PRIMARY KEY,
+  started_at INTEGER NOT NULL,
+  last_seen  INTEGER NOT NULL
+) WITHOUT ROWID;
+)sql",
 };
 
 constexpr int kLatestSchemaVersion = static_cast<int>(std::size(kMigrations));
@@ -354,6 +367,14 @@ std::string version_label(const std::string& ns, const std::string& name, int ve
 
 // Reads the rows of a statement selecting P11KMS_KEY_COLUMNS into records. A new record starts
 // whenever k.id changes, so the statement must return each key's rows together.
+#define kIntentColumns "SELECT object_id, label, created_at, owner, lease_expires, doomed FROM intents "
+
+std::vector<Intent> read_intents(Statement& q) {
+  std::vector<Intent> out;
+  while (q.step()) out.push_back(Intent{q.text(0), q.text(1), q.int64(2), q.text(3), q.int64(4), q.boolean(5)});
+  return out;
+}
+
 std::vector<KeyRecord> read_keys(Statement& q) {
   std::vector<KeyRecord> keys;
   int64_t current = 0;
@@ -502,6 +523,15 @@ class SqliteStore final : public MetadataStore {
     return read_keys(q);
   }
 
+  std::optional<KeyStamp> key_stamp(const std::string& ns, const std::string& name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("SELECT uuid, generation FROM keys WHERE ns = ?1 AND name = ?2 AND deleted_at = 0",
+                                "read key stamp");
+    q.bind(1, ns).bind(2, name);
+    if (!q.step()) return std::nullopt;
+    return KeyStamp{q.text(0), q.int64(1)};
+  }
+
   void add_intent(const Intent& intent) override {
     std::lock_guard<std::mutex> lock(mu_);
     insert_intent(intent);
@@ -514,11 +544,60 @@ class SqliteStore final : public MetadataStore {
 
   std::vector<Intent> list_intents() override {
     std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare(kIntentColumns "ORDER BY created_at, object_id", "list intents");
+    return read_intents(q);
+  }
+
+  void renew_intents(const std::string& owner, const std::vector<std::string>& object_ids,
+                     int64_t lease_expires) override {
+    if (object_ids.empty()) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    for (const auto& id : object_ids) {
+      Statement q = conn_.prepare(
+          "UPDATE intents SET lease_expires = max(lease_expires, ?2) WHERE owner = ?1 AND NOT doomed AND object_id = ?3",
+          "renew intent");
+      q.bind(1, owner).bind(2, lease_expires).bind(3, id);
+      q.run();
+    }
+    tx.commit();
+  }
+
+  bool claim_intent(const std::string& object_id, const std::string& claimant, int64_t now,
+                    int64_t alive_since) override {
+    std::lock_guard<std::mutex> lock(mu_);
     Statement q = conn_.prepare(
-        "SELECT object_id, label, created_at FROM intents ORDER BY created_at, object_id",
-        "list intents");
-    std::vector<Intent> out;
-    while (q.step()) out.push_back(Intent{q.text(0), q.text(1), q.int64(2)});
+        "UPDATE intents SET doomed = 1 WHERE object_id = ?1 AND (doomed OR (lease_expires <= ?3"
+        " AND (owner = ?2 OR NOT EXISTS (SELECT 1 FROM instances n WHERE n.id = intents.owner"
+        " AND n.last_seen >= ?4))))",
+        "claim intent");
+    q.bind(1, object_id).bind(2, claimant).bind(3, now).bind(4, alive_since);
+    q.run();
+    return sqlite3_changes(conn_.handle()) > 0;
+  }
+
+  void heartbeat(const std::string& instance_id, int64_t now) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare(
+        "INSERT INTO instances (id, started_at, last_seen) VALUES (?1, ?2, ?2)"
+        " ON CONFLICT (id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
+        "heartbeat");
+    q.bind(1, instance_id).bind(2, now);
+    q.run();
+  }
+
+  void remove_instance(const std::string& instance_id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("DELETE FROM instances WHERE id = ?1", "remove instance");
+    q.bind(1, instance_id);
+    q.run();
+  }
+
+  std::vector<InstanceRecord> list_instances() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement q = conn_.prepare("SELECT id, started_at, last_seen FROM instances ORDER BY id", "list instances");
+    std::vector<InstanceRecord> out;
+    while (q.step()) out.push_back(InstanceRecord{q.text(0), q.int64(1), q.int64(2)});
     return out;
   }
 
@@ -572,8 +651,8 @@ class SqliteStore final : public MetadataStore {
       // conflict too.
       check_version_id_unused(entry.second.id);
       insert_version(key_id, entry.second);
-      if (!entry.second.object_id.empty()) delete_intent(entry.second.object_id);
-      if (!entry.second.hmac_object_id.empty()) delete_intent(entry.second.hmac_object_id);
+      if (!entry.second.object_id.empty()) settle_intent(entry.second.object_id);
+      if (!entry.second.hmac_object_id.empty()) settle_intent(entry.second.hmac_object_id);
     }
     tx.commit();
   }
@@ -599,8 +678,8 @@ class SqliteStore final : public MetadataStore {
     }
     check_version_id_unused(version.id);
     insert_version(*key_id, version);
-    if (!version.object_id.empty()) delete_intent(version.object_id);
-    if (!version.hmac_object_id.empty()) delete_intent(version.hmac_object_id);
+    if (!version.object_id.empty()) settle_intent(version.object_id);
+    if (!version.hmac_object_id.empty()) settle_intent(version.hmac_object_id);
     bump_generation(*key_id);
     tx.commit();
   }
@@ -649,7 +728,10 @@ class SqliteStore final : public MetadataStore {
           intents.push_back(Intent{q.text(2), version_label(ns, name, q.int32(0)) + "/hmac", now});
       }
     }
-    for (const Intent& intent : intents) insert_intent(intent);
+    for (Intent& intent : intents) {
+      intent.doomed = true;
+      insert_intent(intent);
+    }
     {
       // The tombstone keeps ids, numbers and dates; the material (objects, sealed blobs) goes.
       Statement q = conn_.prepare(
@@ -709,7 +791,10 @@ class SqliteStore final : public MetadataStore {
           intents.push_back(Intent{q.text(2), version_label(ns, name, q.int32(0)) + "/hmac", now});
       }
     }
-    for (const Intent& intent : intents) insert_intent(intent);
+    for (Intent& intent : intents) {
+      intent.doomed = true;
+      insert_intent(intent);
+    }
     {
       Statement q = conn_.prepare("DELETE FROM key_versions WHERE key_id = ?1 AND version < ?2", "trim versions");
       q.bind(1, *key_id).bind(2, min_available_version);
@@ -812,7 +897,7 @@ class SqliteStore final : public MetadataStore {
       q.bind_text_or_null(3, hmac_object_id).bind_text_or_null(4, hmac_sealed);
       q.run();
     }
-    if (!hmac_object_id.empty()) delete_intent(hmac_object_id);
+    if (!hmac_object_id.empty()) settle_intent(hmac_object_id);
     bump_generation(*key_id);
     tx.commit();
     return true;
@@ -834,6 +919,20 @@ class SqliteStore final : public MetadataStore {
         "write setting");
     q.bind(1, name).bind(2, value);
     q.run();
+  }
+
+  void put_setting_settling_intent(const std::string& name, const std::string& value,
+                                   const std::string& object_id) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Transaction tx(conn_);
+    settle_intent(object_id);
+    Statement q = conn_.prepare(
+        "INSERT INTO settings (name, value) VALUES (?1, ?2)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        "write setting");
+    q.bind(1, name).bind(2, value);
+    q.run();
+    tx.commit();
   }
 
   std::string put_setting_if_absent(const std::string& name, const std::string& value) override {
@@ -1022,9 +1121,8 @@ class SqliteStore final : public MetadataStore {
       out.keys = read_keys(q);
     }
     {
-      Statement q = conn_.prepare("SELECT object_id, label, created_at FROM intents ORDER BY object_id",
-                                  "snapshot intents");
-      while (q.step()) out.intents.push_back(Intent{q.text(0), q.text(1), q.int64(2)});
+      Statement q = conn_.prepare(kIntentColumns "ORDER BY object_id", "snapshot intents");
+      out.intents = read_intents(q);
     }
     {
       Statement q = conn_.prepare("SELECT name, value FROM settings ORDER BY name", "snapshot settings");
@@ -1211,11 +1309,25 @@ class SqliteStore final : public MetadataStore {
   // time is the safer one for a sweeper that settles intents by age).
   void insert_intent(const Intent& intent) {
     Statement q = conn_.prepare(
-        "INSERT INTO intents (object_id, label, created_at) VALUES (?1, ?2, ?3)"
-        " ON CONFLICT (object_id) DO NOTHING",
+        "INSERT INTO intents (object_id, label, created_at, owner, lease_expires, doomed)"
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (object_id) DO NOTHING",
         "insert intent");
     q.bind(1, intent.object_id).bind(2, intent.label).bind(3, intent.created_at);
+    q.bind(4, intent.owner).bind(5, intent.lease_expires).bind(6, intent.doomed);
     q.run();
+  }
+
+  // The metadata naming an object is being committed: its intent goes, unless a sweeper has
+  // claimed it (the object is being destroyed), which aborts the whole write.
+  void settle_intent(const std::string& object_id) {
+    {
+      Statement q = conn_.prepare("SELECT doomed FROM intents WHERE object_id = ?1", "read intent");
+      q.bind(1, object_id);
+      if (q.step() && q.boolean(0))
+        throw StoreError("sqlite metadata store: the intent of object " + object_id +
+                         " was claimed by a sweeper (its lease expired); nothing was written");
+    }
+    delete_intent(object_id);
   }
 
   void delete_intent(const std::string& object_id) {

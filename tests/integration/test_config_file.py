@@ -90,6 +90,18 @@ def test_flow_style_misspelling_is_named(setup):
     assert "listen.adress" in err, err
 
 
+@pytest.mark.parametrize("section,named,message", [
+    ("cluster: {intent_lease: 5s, heartbeat: 5s}", "cluster.intent_lease", "longer than cluster.heartbeat"),
+    ("cluster: {heartbeat: 0}", "cluster.heartbeat", "between 1 and"),
+    ("cluster: {sweep_interval: soon}", "cluster.sweep_interval", "duration"),
+    ("cluster: {intent_leese: 60}", "cluster.intent_leese", "unknown key"),
+])
+def test_cluster_section_errors_name_the_field(setup, section, named, message):
+    rc, out, err = run_expecting_exit(setup, valid_config(setup) + section + "\n", "cluster.yaml")
+    assert rc == 2, "exit %d, stderr %r" % (rc, err)
+    assert named in err and message in err, err
+
+
 # -- token that is not there -------------------------------------------------------------------
 
 def test_unknown_token_label_exits_nonzero_naming_the_label(setup):

@@ -51,7 +51,7 @@ class SqliteByokTest : public ::testing::Test {
 };
 
 TEST_F(SqliteByokTest, CreateAndReadBackEveryField) {
-  EXPECT_EQ(s_->schema_version(), 4);
+  EXPECT_EQ(s_->schema_version(), 5);
   auto r = rec("root", "cck-a", "P11kmsKey");
   r.validation_region = "local";
   ASSERT_TRUE(s_->create_byok_key(r, 10));
@@ -177,7 +177,7 @@ TEST_F(SqliteByokTest, SurvivesReopening) {
   ASSERT_TRUE(s_->create_byok_key(rec("root", "cck-r"), 10));
   s_.reset();
   s_ = open_sqlite_store(path_);
-  EXPECT_EQ(s_->schema_version(), 4);
+  EXPECT_EQ(s_->schema_version(), 5);
   EXPECT_TRUE(s_->get_byok_key("root", "cck-r"));
 }
 

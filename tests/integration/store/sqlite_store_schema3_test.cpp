@@ -58,7 +58,7 @@ class SqliteSchema3Test : public ::testing::Test {
 
 TEST_F(SqliteSchema3Test, TransitOptionsAndPublicKeysRoundTrip) {
   auto s = open_sqlite_store(path_);
-  EXPECT_EQ(s->schema_version(), 4);
+  EXPECT_EQ(s->schema_version(), 5);
   KeyRecord k = key("signer", 2, 1);
   k.derived = true;
   k.convergent = true;
@@ -138,6 +138,8 @@ TEST_F(SqliteSchema3Test, Schema2DatabaseGainsDefaultsWithoutLosingData) {
     ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
     // Undo migration 3 (SQLite 3.35+ drops columns), as a schema-2 file written by an older build.
     const char* undo =
+        "DROP TABLE instances; ALTER TABLE intents DROP COLUMN doomed; ALTER TABLE intents DROP COLUMN lease_expires;"
+        "ALTER TABLE intents DROP COLUMN owner; DELETE FROM schema_migrations WHERE version = 5;"  // and 5,
         "DROP TABLE byok_keys; DELETE FROM schema_migrations WHERE version = 4;"  // and 4 after it
         "DROP INDEX key_versions_hmac_object;"
         "ALTER TABLE key_versions DROP COLUMN hmac_sealed;"
@@ -154,7 +156,7 @@ TEST_F(SqliteSchema3Test, Schema2DatabaseGainsDefaultsWithoutLosingData) {
     sqlite3_close(db);
   }
   auto s = open_sqlite_store(path_);
-  EXPECT_EQ(s->schema_version(), 4);
+  EXPECT_EQ(s->schema_version(), 5);
   auto k = s->get_key("root", "old");
   ASSERT_TRUE(k);
   EXPECT_EQ(k->type, "aes256-gcm96");

@@ -1242,7 +1242,7 @@ class SqliteStoreMigrationTest : public SqliteStoreTest {
 TEST_F(SqliteStoreMigrationTest, Schema1DatabaseMigratesInPlaceWithoutLosingData) {
   make_schema1_database();
   auto s = open();
-  EXPECT_EQ(s->schema_version(), 4);  // 1 -> 2 -> 3 -> 4
+  EXPECT_EQ(s->schema_version(), 5);  // 1 -> 2 -> 3 -> 4 -> 5
 
   auto k = s->get_key("root", "payments");
   ASSERT_TRUE(k.has_value());
@@ -1307,7 +1307,7 @@ TEST_F(SqliteStoreMigrationTest, MigratedSchemaIsWellFormed) {
   make_schema1_database();
   open()->schema_version();
   RawDb raw(path_);
-  EXPECT_EQ(raw.integer("SELECT count(*) FROM schema_migrations"), 4);
+  EXPECT_EQ(raw.integer("SELECT count(*) FROM schema_migrations"), 5);
   EXPECT_EQ(raw.integer("SELECT applied_at FROM schema_migrations WHERE version = 1"), 1690000000);
   EXPECT_EQ(raw.integer("SELECT count(*) FROM sqlite_master WHERE name LIKE '%\\_new' ESCAPE '\\'"),
             0);
@@ -1360,7 +1360,7 @@ TEST_F(SqliteStoreMigrationTest, MigrationGivesEveryRowItsOwnV4Uuid) {
     raw.exec("COMMIT");
   }
   auto s = open();
-  ASSERT_EQ(s->schema_version(), 4);
+  ASSERT_EQ(s->schema_version(), 5);
   std::set<std::string> ids;
   std::set<char> variants;
   auto records = s->list_key_records("root", false);

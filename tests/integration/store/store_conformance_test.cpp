@@ -308,11 +308,11 @@ TEST_P(StoreConformance, OneLeaseHolderAtATime) {
 }
 
 TEST_P(StoreConformance, SchemaIsCurrentAndReopeningKeepsEverything) {
-  EXPECT_EQ(store_->schema_version(), 4);
+  EXPECT_EQ(store_->schema_version(), 5);
   store_->create_key(key("root", "k", 1));
   store_.reset();
   store_ = GetParam().open(location_);
-  EXPECT_EQ(store_->schema_version(), 4);
+  EXPECT_EQ(store_->schema_version(), 5);
   EXPECT_TRUE(store_->get_key("root", "k").has_value());
 }
 
@@ -342,6 +342,159 @@ TEST_P(StoreConformance, TwoWritersShareOneTruth) {
   EXPECT_EQ(got->latest_version(), 1 + added.load());
   EXPECT_EQ(static_cast<int>(got->versions.size()), 1 + added.load());
   EXPECT_EQ(added + conflicts, 40);
+}
+
+// What a cache checks before using a key: its id and generation, bumped by every write.
+TEST_P(StoreConformance, KeyStampFollowsEveryWrite) {
+  EXPECT_FALSE(store_->key_stamp("root", "k").has_value());
+  store_->create_key(key("root", "k", 1));
+  auto s1 = store_->key_stamp("root", "k");
+  ASSERT_TRUE(s1.has_value());
+  EXPECT_EQ(s1->id, uuid_for(90001));
+  EXPECT_EQ(s1->generation, store_->get_key("root", "k")->generation);
+  EXPECT_FALSE(store_->key_stamp("other", "k").has_value());
+  auto other = another();
+  other->add_version("root", "k", object_version(2, 1));
+  auto s2 = store_->key_stamp("root", "k");
+  EXPECT_GT(s2->generation, s1->generation);
+  KeyRecord changed = *store_->get_key("root", "k");
+  changed.deletion_allowed = true;
+  other->update_config(changed);
+  auto s3 = store_->key_stamp("root", "k");
+  EXPECT_GT(s3->generation, s2->generation);
+  EXPECT_TRUE(other->set_version_hmac("root", "k", 1, "", "c2VhbGVk"));
+  EXPECT_GT(store_->key_stamp("root", "k")->generation, s3->generation);
+  other->delete_key("root", "k");
+  EXPECT_FALSE(store_->key_stamp("root", "k").has_value());
+  store_->create_key(key("root", "k", 2));
+  EXPECT_EQ(store_->key_stamp("root", "k")->id, uuid_for(90002));
+}
+
+// Several writers (schema 5): intents name their owner and lease; heartbeats say who is alive.
+TEST_P(StoreConformance, IntentsCarryOwnerLeaseAndRenewals) {
+  Intent i{"obj-a", "p11kms/root/k/v1", 100, "inst-a", 160};
+  store_->add_intent(i);
+  store_->add_intent(Intent{"obj-b", "p11kms/root/k/v2", 100, "inst-b", 160});
+  auto all = store_->list_intents();
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all[0].object_id, "obj-a");
+  EXPECT_EQ(all[0].owner, "inst-a");
+  EXPECT_EQ(all[0].lease_expires, 160);
+  EXPECT_FALSE(all[0].doomed);
+  // Only the owner's listed intents are renewed, and a renewal never shortens a lease.
+  store_->renew_intents("inst-a", {"obj-a", "obj-b", "obj-none"}, 200);
+  store_->renew_intents("inst-a", {"obj-a"}, 150);
+  store_->renew_intents("inst-a", {}, 999);
+  all = store_->list_intents();
+  EXPECT_EQ(all[0].lease_expires, 200);
+  EXPECT_EQ(all[1].lease_expires, 160);
+  // Deletions record doomed intents: orders to destroy, which nobody renews.
+  store_->create_key(key("root", "gone", 3));
+  auto doomed = store_->delete_key("root", "gone");
+  ASSERT_EQ(doomed.size(), 1u);
+  EXPECT_TRUE(doomed[0].doomed);
+  for (const auto& x : store_->list_intents())
+    if (x.object_id == "obj-3-1") EXPECT_TRUE(x.doomed);
+  // The copy keeps every field.
+  auto snap = store_->snapshot();
+  std::string elsewhere = GetParam().make_location();
+  auto target = GetParam().open(elsewhere);
+  target->restore(snap, false);
+  auto copied = target->list_intents();
+  ASSERT_EQ(copied.size(), 3u);
+  auto original = store_->list_intents();
+  for (size_t n = 0; n < copied.size(); ++n) {
+    EXPECT_EQ(copied[n].object_id, original[n].object_id);
+    EXPECT_EQ(copied[n].label, original[n].label);
+    EXPECT_EQ(copied[n].created_at, original[n].created_at);
+    EXPECT_EQ(copied[n].owner, original[n].owner);
+    EXPECT_EQ(copied[n].lease_expires, original[n].lease_expires);
+    EXPECT_EQ(copied[n].doomed, original[n].doomed);
+  }
+  target.reset();
+  if (GetParam().name == "sqlite") test_support::remove_tree(elsewhere.substr(0, elsewhere.rfind('/')));
+}
+
+TEST_P(StoreConformance, HeartbeatsRecordLiveInstances) {
+  EXPECT_TRUE(store_->list_instances().empty());
+  store_->heartbeat("inst-b", 100);
+  store_->heartbeat("inst-a", 105);
+  store_->heartbeat("inst-b", 110);
+  store_->heartbeat("inst-b", 108);  // never goes back
+  auto other = another();
+  auto all = other->list_instances();
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all[0].id, "inst-a");
+  EXPECT_EQ(all[1].id, "inst-b");
+  EXPECT_EQ(all[1].started_at, 100);
+  EXPECT_EQ(all[1].last_seen, 110);
+  other->remove_instance("inst-a");
+  ASSERT_EQ(store_->list_instances().size(), 1u);
+}
+
+TEST_P(StoreConformance, ASweeperClaimsOnlyExpiredIntentsOfDeadOwners) {
+  store_->heartbeat("inst-a", 100);
+  store_->add_intent(Intent{"obj-a", "l", 100, "inst-a", 150});
+  auto sweeper = another();
+  // Within its lease: nobody may claim it, whoever is alive.
+  EXPECT_FALSE(sweeper->claim_intent("obj-a", "inst-b", 140, 200));
+  // Lease over, but its owner's heartbeat (100) is recent enough (alive since 90).
+  EXPECT_FALSE(sweeper->claim_intent("obj-a", "inst-b", 160, 90));
+  EXPECT_FALSE(store_->list_intents()[0].doomed);
+  // The owner renews while it works; then stops and misses its heartbeats.
+  store_->renew_intents("inst-a", {"obj-a"}, 170);
+  EXPECT_FALSE(sweeper->claim_intent("obj-a", "inst-b", 165, 101));
+  EXPECT_TRUE(sweeper->claim_intent("obj-a", "inst-b", 171, 101));
+  EXPECT_TRUE(store_->list_intents()[0].doomed);
+  EXPECT_TRUE(sweeper->claim_intent("obj-a", "inst-c", 0, 0));  // doomed: anyone may finish it
+  store_->renew_intents("inst-a", {"obj-a"}, 999);              // a doomed intent stays doomed
+  EXPECT_EQ(store_->list_intents()[0].lease_expires, 170);
+  // An owner settles its own expired intents without waiting for heartbeats; an owner without
+  // any heartbeat row (a clean shutdown, or an intent from before schema 5) is not alive.
+  store_->add_intent(Intent{"obj-own", "l", 100, "inst-a", 150});
+  EXPECT_FALSE(store_->claim_intent("obj-own", "inst-a", 149, 0));
+  EXPECT_TRUE(store_->claim_intent("obj-own", "inst-a", 150, 0));
+  store_->add_intent(Intent{"obj-old", "l", 1});
+  EXPECT_TRUE(sweeper->claim_intent("obj-old", "inst-b", 10, 5));
+  EXPECT_FALSE(sweeper->claim_intent("obj-none", "inst-b", 10, 5));  // no such intent
+}
+
+TEST_P(StoreConformance, MetadataNamingAClaimedObjectIsNeverCommitted) {
+  store_->create_key(key("root", "k", 1));
+  // The creator's lease ran out while it was cut off; a sweeper claimed its intents.
+  store_->add_intent(Intent{"obj-1-2", "p11kms/root/k/v2", 100, "inst-a", 110});
+  store_->add_intent(Intent{"obj-2-1", "p11kms/root/new/v1", 100, "inst-a", 110});
+  store_->add_intent(Intent{"hmac-obj", "p11kms/root/k/v1/hmac", 100, "inst-a", 110});
+  auto sweeper = another();
+  for (const char* id : {"obj-1-2", "obj-2-1", "hmac-obj"}) EXPECT_TRUE(sweeper->claim_intent(id, "inst-b", 200, 150));
+  auto g = store_->get_key("root", "k")->generation;
+  EXPECT_THROW(store_->add_version("root", "k", object_version(2, 1)), StoreError);
+  EXPECT_THROW(store_->create_key(key("root", "new", 2)), StoreError);
+  EXPECT_THROW(store_->set_version_hmac("root", "k", 1, "hmac-obj", ""), StoreError);
+  // Nothing of the refused writes landed; the intents stay for the sweeper.
+  EXPECT_EQ(store_->get_key("root", "k")->latest_version(), 1);
+  EXPECT_EQ(store_->get_key("root", "k")->generation, g);
+  EXPECT_TRUE(store_->get_key("root", "k")->versions.at(1).hmac_object_id.empty());
+  EXPECT_FALSE(store_->get_key("root", "new").has_value());
+  EXPECT_EQ(store_->list_intents().size(), 3u);
+  // An intent its owner settles first cannot be claimed afterwards.
+  store_->add_intent(Intent{"obj-1-3", "p11kms/root/k/v3", 100, "inst-a", 110});
+  store_->add_version("root", "k", object_version(3, 1));
+  EXPECT_FALSE(sweeper->claim_intent("obj-1-3", "inst-b", 200, 150));
+}
+
+TEST_P(StoreConformance, ASettingNamingAnObjectSettlesItsIntentAtomically) {
+  store_->add_intent(Intent{"obj-kong", "p11kms-kong/root/k", 100, "inst-a", 110});
+  store_->put_setting_settling_intent("kong/root/keys/1", "{}", "obj-kong");
+  EXPECT_EQ(store_->get_setting("kong/root/keys/1"), std::optional<std::string>("{}"));
+  EXPECT_TRUE(store_->list_intents().empty());
+  // A sweeper claimed the next one first: nothing is written and the intent stays doomed.
+  store_->add_intent(Intent{"obj-late", "p11kms-kong/root/late", 100, "inst-a", 110});
+  EXPECT_TRUE(another()->claim_intent("obj-late", "inst-b", 200, 150));
+  EXPECT_THROW(store_->put_setting_settling_intent("kong/root/keys/2", "{}", "obj-late"), StoreError);
+  EXPECT_FALSE(store_->get_setting("kong/root/keys/2").has_value());
+  ASSERT_EQ(store_->list_intents().size(), 1u);
+  EXPECT_TRUE(store_->list_intents()[0].doomed);
 }
 
 void populate(MetadataStore& s, const std::function<VersionRecord(int, int)>& object_version,
