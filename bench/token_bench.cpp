@@ -3,7 +3,11 @@
 // (hsm::Token::generate_aes_key). scripts/bench runs this and reads its JSON output.
 //
 //   token/*     what the service does per request, through hsm::Token (session lease, handle
-//               cache, C_*Init + C_*), 32-byte payloads, IVs from OpenSSL as keys/ draws them.
+//               cache, C_*Init + C_*), 32-byte payloads, IVs from OpenSSL as keys/ draws them;
+//               the signatures as keys/ makes them: HMAC-SHA-256 with a 64-byte token HMAC key,
+//               ECDSA P-256 over a SHA-256 digest computed in the process (CKM_ECDSA), Ed25519
+//               over the message (CKM_EDDSA), RSA-2048 PSS over a SHA-256 digest
+//               (CKM_RSA_PKCS_PSS, Vault's default signature_algorithm).
 //   analysis/*  the same AES-GCM encrypt as raw PKCS#11 calls, timed per call (counters
 //               init_us = C_EncryptInit, op_us = C_Encrypt), on three AES-256 objects: the
 //               service's token object, a private session-object copy (C_CopyObject) of a token
@@ -14,6 +18,7 @@
 // the whole process. Nothing here asserts anything.
 #include <benchmark/benchmark.h>
 #include <openssl/rand.h>
+#include <openssl/sha.h>
 
 #include <chrono>
 #include <cstdio>
@@ -41,6 +46,7 @@ struct Fixture {
   std::unique_ptr<SessionPool> pool;
   std::unique_ptr<Token> token;
   ObjectId key;
+  ObjectId hmac_key, ecdsa_p256, ed25519, rsa2048;  // token objects made as keys/ makes them
   Bytes iv, sealed;
   CK_OBJECT_HANDLE token_handle = 0;           // the token object the service uses
   CK_OBJECT_HANDLE session_private_copy = 0;   // C_CopyObject to CKA_TOKEN false (stays private)
@@ -112,6 +118,19 @@ void setup() {
   g->token = std::make_unique<Token>(*g->pool);
   g->key = g->token->new_object_id();
   g->token->generate_aes_key(g->key, 32, "p11kms/root/bench/v1");
+  g->hmac_key = g->token->new_object_id();
+  g->token->generate_hmac_key(g->hmac_key, 64, "p11kms/root/bench-hmac/v1");
+  auto pair = [](p11kms::hsm::PairKind kind, int bits, const char* label) {
+    ObjectId id = g->token->new_object_id();
+    p11kms::hsm::PairSpec spec;
+    spec.kind = kind;
+    spec.rsa_bits = bits;
+    g->token->generate_key_pair(spec, id, label);
+    return id;
+  };
+  g->ecdsa_p256 = pair(p11kms::hsm::PairKind::ec_p256, 0, "p11kms/root/bench-ecdsa/v1");
+  g->ed25519 = pair(p11kms::hsm::PairKind::ed25519, 0, "p11kms/root/bench-ed25519/v1");
+  g->rsa2048 = pair(p11kms::hsm::PairKind::rsa, 2048, "p11kms/root/bench-rsa/v1");
   g->iv = new_iv();
   g->sealed = g->token->aes_gcm_encrypt(g->key, g->iv, {}, kPlaintext, kPayload);
   auto l = g->pool->lease();
@@ -181,6 +200,47 @@ void BM_Datakey256(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 
+Bytes sha256(const uint8_t* data, size_t len) {
+  Bytes d(SHA256_DIGEST_LENGTH);
+  SHA256(data, len, d.data());
+  return d;
+}
+
+void BM_Hmac32(benchmark::State& state) {
+  for (auto _ : state) {
+    auto mac = g->token->hmac(g->hmac_key, CKM_SHA256_HMAC, kPlaintext, kPayload);
+    benchmark::DoNotOptimize(mac.data());
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+
+void BM_SignEcdsaP256(benchmark::State& state) {
+  for (auto _ : state) {
+    auto digest = sha256(kPlaintext, kPayload);
+    auto sig = g->token->sign(g->ecdsa_p256, CKM_ECDSA, nullptr, 0, digest.data(), digest.size());
+    benchmark::DoNotOptimize(sig.data());
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+
+void BM_SignEd25519(benchmark::State& state) {
+  for (auto _ : state) {
+    auto sig = g->token->sign(g->ed25519, CKM_EDDSA, nullptr, 0, kPlaintext, kPayload);
+    benchmark::DoNotOptimize(sig.data());
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+
+void BM_SignRsa2048(benchmark::State& state) {
+  for (auto _ : state) {
+    auto digest = sha256(kPlaintext, kPayload);
+    CK_RSA_PKCS_PSS_PARAMS params{CKM_SHA256, CKG_MGF1_SHA256, 222};  // salt "auto": the most that fits
+    auto sig = g->token->sign(g->rsa2048, CKM_RSA_PKCS_PSS, &params, sizeof params, digest.data(), digest.size());
+    benchmark::DoNotOptimize(sig.data());
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+
 // ---- analysis/*: raw C_EncryptInit + C_Encrypt, each call timed ----------------------------
 
 void raw_encrypt(benchmark::State& state, CK_OBJECT_HANDLE h) {
@@ -225,6 +285,10 @@ void register_all() {
   reg("token/decrypt32", BM_Decrypt32);
   reg("token/random32", BM_Random32);
   reg("token/datakey256", BM_Datakey256);
+  reg("token/hmac32", BM_Hmac32);
+  reg("token/sign_ecdsa_p256", BM_SignEcdsaP256);
+  reg("token/sign_ed25519", BM_SignEd25519);
+  reg("token/sign_rsa2048", BM_SignRsa2048);
   reg("analysis/encrypt32_token_object", BM_RawTokenObject);
   reg("analysis/encrypt32_session_private_copy", BM_RawSessionPrivateCopy);
   reg("analysis/encrypt32_session_public", BM_RawSessionPublic);

@@ -3,6 +3,9 @@
 --   P11KMS_BENCH_TOKEN       the API token (X-Vault-Token)
 --   P11KMS_BENCH_KEY         the transit key's name
 --   P11KMS_BENCH_CIPHERTEXT  a vault:v1:... ciphertext of that key (decrypt only)
+--   P11KMS_BENCH_SIGN_KEY    a transit signing key (sign.lua)
+--   P11KMS_BENCH_KMS_KEY, P11KMS_BENCH_KMS_CIPHERTEXT  a Key Protect root key id and a
+--                            ciphertext it wrapped (kms_wrap.lua, kms_unwrap.lua)
 -- Each script sets wrk.method/path/body once: wrk then sends the same prebuilt request over
 -- and over, so the client spends as little CPU as it can (it shares the machine with the
 -- server). done() prints one machine-readable line that scripts/bench parses.
