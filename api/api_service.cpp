@@ -192,6 +192,8 @@ ApiService::ApiService(keys::KeyService& keys, const policy::AccessControl& acce
   dialects_.push_back(kms_dialect());
   dialects_.push_back(byok_dialect());
   dialects_.push_back(keyring_dialect());
+  dialects_.push_back(kong_keys_dialect());
+  dialects_.push_back(kong_key_sets_dialect(limits_.jwks_public));
   if (limits_.rate_limit) rate_limiter_ = std::make_unique<policy::RateLimiter>(*limits_.rate_limit);
 }
 
@@ -269,7 +271,10 @@ http::Response ApiService::handle(const http::Request& request) {
   resp.headers.emplace_back("X-Request-Id", request_id);
   if (auto cid = request.header("correlation-id"); cid && sane_header_value(*cid))
     resp.headers.emplace_back("correlation-id", *cid);
-  resp.headers.emplace_back("Cache-Control", "no-store");
+  // A route may say how its answer is cached (the JWKS); everything else is no-store.
+  if (std::none_of(resp.headers.begin(), resp.headers.end(),
+                   [](const auto& h) { return strcasecmp(h.first.c_str(), "Cache-Control") == 0; }))
+    resp.headers.emplace_back("Cache-Control", "no-store");
   auto ms = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count() / 1000.0;
   log::info(printable(request.method) + " " + printable(request.path) + " " + std::to_string(resp.status) + " " +
                 std::to_string(ms) + "ms",
@@ -331,6 +336,10 @@ http::Response ApiService::handle_dialect(const Dialect& d, const http::Request&
         }
       token = rules->authenticator.authenticate(presented, now_seconds());
       if (token && basic_name && *basic_name != token->name) token = nullptr;  // the name must match too
+      // mTLS: without a token header, a client certificate bound to a token (cert_sha256)
+      // authenticates as that token. A presented token is judged on its own, as always.
+      if (!token && presented.empty() && !basic_name && !request.client_cert_sha256.empty())
+        token = rules->authenticator.authenticate_cert(request.client_cert_sha256, now_seconds());
       if (!presented.empty()) OPENSSL_cleanse(presented.data(), presented.size());
       if (!token)
         return d.error(d.unauthenticated_status, "unauthorized",
@@ -378,6 +387,7 @@ http::Response ApiService::handle_dialect(const Dialect& d, const http::Request&
     ctx.mounts = mounts_;
     ctx.byok = byok_;
     ctx.keyring = keyring_;
+    ctx.kong = kong_;
     record.ns = ns;
     if (!valid_namespace(ns))
       return d.error(400, "invalid_namespace",
@@ -392,7 +402,9 @@ http::Response ApiService::handle_dialect(const Dialect& d, const http::Request&
 
     json values = json::object();
     bool has_body = request.body.find_first_not_of(" \t\r\n") != std::string::npos;
-    if (has_body) {
+    if (d.parse_body) {
+      values = d.parse_body(request, limits_.max_json_depth);
+    } else if (has_body) {
       values = parse_body(request.body, limits_.max_json_depth);
       if (!values.is_object()) throw keys::invalid("the request body must be a JSON object");
     }

@@ -30,6 +30,8 @@ struct ApiLimits {
   // Shortest transit auto_rotate_period accepted: Vault's hour, 10 s in dev mode so rotation
   // can be watched.
   int64_t min_auto_rotate_period_s = 3600;
+  // jwks.public: GET /key-sets/{x}/jwks answers without a token.
+  bool jwks_public = true;
 };
 
 class ApiService {
@@ -46,6 +48,8 @@ class ApiService {
   void set_byok(keys::ByokRegistry* byok) { byok_ = byok; }
   // The Kong keyring the keyring dialect serves (nullptr: its routes answer 503).
   void set_keyring(keys::Keyring* keyring) { keyring_ = keyring; }
+  // Kong's keys and key sets the jwks dialects serve (nullptr: their routes answer 503).
+  void set_kong(keys::KongKeys* kong) { kong_ = kong; }
   // After the listener stopped accepting: waits until no request is being handled (or the
   // timeout passes), so nothing it uses (token sessions, store) is torn down under it.
   bool drain(std::chrono::milliseconds timeout);
@@ -65,6 +69,7 @@ class ApiService {
   keys::MountRegistry* mounts_ = nullptr;
   keys::ByokRegistry* byok_ = nullptr;
   keys::Keyring* keyring_ = nullptr;
+  keys::KongKeys* kong_ = nullptr;
   std::mutex inflight_mu_;
   std::condition_variable inflight_cv_;
   size_t inflight_ = 0;

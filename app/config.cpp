@@ -28,7 +28,7 @@ namespace fs = std::filesystem;
 // (so a typo is still reported as unknown) but refused with a message saying so.
 const std::map<std::string, std::set<std::string>>& known_keys() {
   static const std::map<std::string, std::set<std::string>> k = {
-      {"", {"listen", "hsm", "store", "auth", "policies", "audit", "keyring", "jwks", "byok", "limits"}},
+      {"", {"listen", "hsm", "store", "auth", "policies", "audit", "keyring", "jwks", "byok", "limits", "cluster"}},
       {"listen", {"address", "tls", "threads"}},
       {"listen.tls", {"cert_file", "key_file", "client_ca_file"}},
       {"hsm", {"module", "token_label", "pin_file", "pin_env", "sessions"}},
@@ -37,7 +37,10 @@ const std::map<std::string, std::set<std::string>>& known_keys() {
       {"auth.tokens[]", {"name", "token_sha256", "policies", "namespaces", "expires", "cert_sha256"}},
       {"audit", {"path", "fail_closed", "max_bytes"}},
       {"byok", {"region", "validation_interval", "in_use_window", "max_keys"}},
+      {"cluster", {"intent_lease", "heartbeat", "sweep_interval"}},
       {"keyring", {"strategy", "recipient_public_key_file", "vault"}},
+      {"jwks", {"public"}},
+      {"keyring.vault", {"address", "mount", "path", "token_file", "ca_file"}},
       {"limits", {"max_body_bytes", "max_json_depth", "max_batch_items", "max_header_bytes",
                   "max_key_name_length", "read_timeout_s", "rate_limit"}},
   };
@@ -109,8 +112,39 @@ int64_t duration(const YAML::Node& n, const std::string& key, int64_t min, int64
   return v;
 }
 
-[[noreturn]] void not_yet(const std::string& key, const std::string& what) {
-  fail(key, what + " is not available in this release of p11kms");
+// keyring.vault: where the vault strategy reads the keyring (a Vault KV v2 secret). The token is
+// in a file (read at start-up), never in the config itself.
+void parse_keyring_vault(const YAML::Node& v, const std::string& base_dir, Config::Keyring::Vault& out) {
+  check_keys(v, "keyring.vault", "keyring.vault");
+  if (!v["address"]) fail("keyring.vault.address", "is required (the Vault server's URL, e.g. https://vault:8200)");
+  out.address = str(v["address"], "keyring.vault.address");
+  static const std::regex url(R"(^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?/?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?/?$)");
+  if (!std::regex_match(out.address, url))
+    fail("keyring.vault.address", "must be an http:// or https:// URL with a host and optional port, and no path");
+  if (out.address.back() == '/') out.address.pop_back();
+  // Mount and path go into the request path as they are: segments of [A-Za-z0-9._-].
+  auto segments = [](const std::string& key, std::string s) {
+    while (!s.empty() && s.front() == '/') s.erase(0, 1);
+    while (!s.empty() && s.back() == '/') s.pop_back();
+    static const std::regex seg(R"(^[A-Za-z0-9_\-][A-Za-z0-9._\-]*(/[A-Za-z0-9_\-][A-Za-z0-9._\-]*)*$)");
+    if (s.size() > 512 || !std::regex_match(s, seg))
+      fail(key, "must be one or more /-separated segments of [A-Za-z0-9._-] (not starting with a dot)");
+    return s;
+  };
+  if (v["mount"]) out.mount = segments("keyring.vault.mount", str(v["mount"], "keyring.vault.mount"));
+  if (!v["path"]) fail("keyring.vault.path", "is required (the secret's path under the mount, e.g. keyring)");
+  out.path = segments("keyring.vault.path", str(v["path"], "keyring.vault.path"));
+  if (!v["token_file"])
+    fail("keyring.vault.token_file", "is required (a file holding the Vault token; never put the token in the config)");
+  std::string tf = str(v["token_file"], "keyring.vault.token_file");
+  if (tf.empty()) fail("keyring.vault.token_file", "must not be empty");
+  out.token_file = absolute(tf, base_dir);
+  if (v["ca_file"]) {
+    std::string ca = str(v["ca_file"], "keyring.vault.ca_file");
+    if (ca.empty()) fail("keyring.vault.ca_file", "must not be empty");
+    if (out.address.rfind("https://", 0) != 0) fail("keyring.vault.ca_file", "applies to an https:// address only");
+    out.ca_file = absolute(ca, base_dir);
+  }
 }
 
 void parse_tokens(const YAML::Node& tokens, Config& c) {
@@ -128,10 +162,18 @@ void parse_tokens(const YAML::Node& tokens, Config& c) {
     if (t["policies"]) e.policies = string_list(t["policies"], where + ".policies");
     if (t["namespaces"]) e.namespaces = string_list(t["namespaces"], where + ".namespaces");
     if (t["expires"]) e.expires = parse_rfc3339(str(t["expires"], where + ".expires"), where + ".expires");
-    if (t["cert_sha256"])
-      fail(where + ".cert_sha256",
-           "binding a client certificate to a token is not available in this release: the HTTP listener "
-           "(cpprestsdk) does not expose the peer certificate to request handlers; use a token header with mTLS");
+    if (t["cert_sha256"]) {
+      // An mTLS client certificate whose fingerprint this is authenticates as this token.
+      auto fp = policy::parse_cert_fingerprint(str(t["cert_sha256"], where + ".cert_sha256"));
+      if (!fp)
+        fail(where + ".cert_sha256",
+             "must be the SHA-256 fingerprint of a client certificate: 64 hex digits, or AB:CD:... as "
+             "`openssl x509 -noout -fingerprint -sha256` prints it");
+      for (const auto& other : c.tokens)
+        if (other.cert_sha256 == fp)
+          fail(where + ".cert_sha256", "is already bound to token \"" + other.name + "\"");
+      e.cert_sha256 = *fp;
+    }
     c.tokens.push_back(std::move(e));
   }
 }
@@ -251,6 +293,11 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
     if (a["tokens"]) parse_tokens(a["tokens"], c);
   }
   if (c.tokens.empty()) fail("auth.tokens", "at least one token is required");
+  // A binding that could never match is a mistake to report, not a token to keep silently.
+  for (size_t i = 0; i < c.tokens.size(); ++i)
+    if (c.tokens[i].cert_sha256 && c.tls.client_ca_file.empty())
+      fail("auth.tokens[" + std::to_string(i) + "].cert_sha256",
+           "needs listen.tls.client_ca_file: without client certificates no connection can present it");
 
   if (auto p = root["policies"]; p && !p.IsNull()) parse_policies(p, c);
   for (size_t i = 0; i < c.tokens.size(); ++i)
@@ -274,16 +321,27 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
   if (auto k = root["keyring"]; k && !k.IsNull()) {
     check_keys(k, "keyring", "keyring");
     if (k["strategy"]) {
-      std::string s = str(k["strategy"], "keyring.strategy");
-      if (s == "vault") not_yet("keyring.strategy", "the vault keyring strategy");
-      if (s != "cluster") fail("keyring.strategy", "must be cluster or vault");
+      c.keyring.strategy = str(k["strategy"], "keyring.strategy");
+      if (c.keyring.strategy != "cluster" && c.keyring.strategy != "vault") fail("keyring.strategy", "must be cluster or vault");
     }
-    if (k["vault"]) not_yet("keyring.vault", "the vault keyring strategy");
+    if (auto v = k["vault"]; v && !v.IsNull()) {
+      if (c.keyring.strategy != "vault") fail("keyring.vault", "applies to keyring.strategy vault only");
+      parse_keyring_vault(v, base_dir, c.keyring.vault);
+    } else if (c.keyring.strategy == "vault") {
+      fail("keyring.vault", "is required with keyring.strategy vault ({address, mount, path, token_file, ca_file})");
+    }
     if (k["recipient_public_key_file"])
       c.keyring.recipient_public_key_file =
           absolute(str(k["recipient_public_key_file"], "keyring.recipient_public_key_file"), base_dir);
   }
-  if (root["jwks"]) not_yet("jwks", "the jwks dialect");
+  if (auto j = root["jwks"]; j && !j.IsNull()) {
+    check_keys(j, "jwks", "jwks");
+    if (j["public"]) {
+      std::string v = str(j["public"], "jwks.public");
+      if (v != "true" && v != "false") fail("jwks.public", "must be true or false");
+      c.limits.jwks_public = v == "true";
+    }
+  }
   if (auto b = root["byok"]; b && !b.IsNull()) {
     check_keys(b, "byok", "byok");
     if (b["region"]) {
@@ -297,6 +355,17 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
       c.byok.validation_interval_s = duration(b["validation_interval"], "byok.validation_interval", 1, 7 * 86400);
     if (b["in_use_window"]) c.byok.in_use_window_s = duration(b["in_use_window"], "byok.in_use_window", 1, 366 * 86400);
     if (b["max_keys"]) c.byok.max_keys = static_cast<size_t>(integer(b["max_keys"], "byok.max_keys", 1, 1000000));
+  }
+
+  if (auto cl = root["cluster"]; cl && !cl.IsNull()) {
+    check_keys(cl, "cluster", "cluster");
+    if (cl["intent_lease"]) c.cluster.intent_lease_s = duration(cl["intent_lease"], "cluster.intent_lease", 1, 86400);
+    if (cl["heartbeat"]) c.cluster.heartbeat_s = duration(cl["heartbeat"], "cluster.heartbeat", 1, 3600);
+    if (cl["sweep_interval"]) c.cluster.sweep_interval_s = duration(cl["sweep_interval"], "cluster.sweep_interval", 1, 86400);
+    // Leases are renewed by heartbeats, so one must outlast the gap between two of them.
+    if (c.cluster.intent_lease_s <= c.cluster.heartbeat_s)
+      fail("cluster.intent_lease", "must be longer than cluster.heartbeat (" + std::to_string(c.cluster.heartbeat_s) +
+                                       " s), which renews it");
   }
 
   if (auto l = root["limits"]) {

@@ -51,8 +51,21 @@ struct Config {
   } audit;
   size_t http_threads = 40;
   keys::ByokOptions byok;  // byok: region, validation_interval, in_use_window, max_keys
+  struct Cluster {  // several instances on one store: intent leases, heartbeats, the sweeper
+    int64_t intent_lease_s = 60;
+    int64_t heartbeat_s = 5;
+    int64_t sweep_interval_s = 30;
+  } cluster;
   struct Keyring {
     std::string recipient_public_key_file;  // absolute after loading; empty = export answers 400
+    std::string strategy = "cluster";       // cluster | vault
+    struct Vault {                          // keyring.vault (strategy vault only)
+      std::string address;                  // http(s)://host[:port], no trailing slash
+      std::string mount = "secret";         // the KV v2 mount
+      std::string path;                     // the secret's path under the mount
+      std::string token_file;               // absolute; holds the Vault token (read at start-up)
+      std::string ca_file;                  // absolute; optional PEM CA bundle for https
+    } vault;
   } keyring;
 };
 

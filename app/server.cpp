@@ -1,5 +1,6 @@
 #include "app/server.hpp"
 #include "app/store_open.hpp"
+#include "app/vault_kv.hpp"
 
 #include <signal.h>
 
@@ -13,7 +14,9 @@
 #include "hsm/token.hpp"
 #include "keys/byok_registry.hpp"
 #include "keys/keyring.hpp"
+#include "keys/kong_keys.hpp"
 #include "keys/key_service.hpp"
+#include "keys/periodic_job.hpp"
 #include "keys/rotation_worker.hpp"
 #include "store/metadata_store.hpp"
 
@@ -81,15 +84,25 @@ int run_server(const Config& config, const std::string& banner) {
   keys::ServiceLimits kl;
   kl.max_key_name_length = config.max_key_name_length;
   const bool shared_store = config.store.driver == "postgres";
-  kl.cache_metadata = !shared_store;
+  // A shared store: cached metadata is checked against the store's per-key stamp before use,
+  // and evicted by PostgreSQL notifications.
+  kl.cache_metadata = true;
+  kl.check_cached_versions = shared_store;
+  kl.cluster.shared_store = shared_store;
+  kl.cluster.intent_lease_s = config.cluster.intent_lease_s;
+  kl.cluster.heartbeat_s = config.cluster.heartbeat_s;
   keys::KeyService keys(*store, token, kl);
   try {
-    // Several instances may share a PostgreSQL store: leave another's fresh intents alone.
-    auto report = keys.sweep(shared_store ? 60 : 0);
+    // Alive first, so other instances' sweepers leave this one's intents alone; then the
+    // start-up sweep (another live instance's intents are left to their leases).
+    keys.heartbeat();
+    auto report = keys.sweep();
     log::info("start-up sweep: " + std::to_string(report.intents_settled) + " intents settled, " +
               std::to_string(report.orphans_destroyed) + " orphan objects destroyed, " +
               std::to_string(report.missing.size()) + " versions missing their object, " +
-              std::to_string(report.unknown_objects) + " unknown objects");
+              std::to_string(report.unknown_objects) + " unknown objects, " +
+              std::to_string(report.intents_waiting) + " intents left to their owners (instance " +
+              keys.instance_id() + ")");
   } catch (const std::exception& e) {
     std::cerr << "p11kms: start-up sweep failed: " << e.what() << std::endl;
     return 1;
@@ -112,8 +125,46 @@ int run_server(const Config& config, const std::string& banner) {
       return 1;
     }
   }
+  if (config.keyring.strategy == "vault") {
+    // The Vault token comes from its file into a wiping buffer; it is never logged.
+    const auto& kv = config.keyring.vault;
+    VaultKvOptions vo;
+    vo.address = kv.address;
+    vo.mount = kv.mount;
+    vo.path = kv.path;
+    try {
+      vo.token = read_secret_file(kv.token_file);
+    } catch (const ConfigError& e) {
+      throw ConfigError(std::string("config: keyring.vault.token_file: ") + e.what());
+    }
+    if (vo.token.empty()) throw ConfigError("config: keyring.vault.token_file: " + kv.token_file + " is empty");
+    if (!kv.ca_file.empty()) {
+      try {
+        vo.ca_pem = read_text_file(kv.ca_file);
+      } catch (const std::exception& e) {
+        std::cerr << "p11kms: cannot start: keyring.vault.ca_file: " << e.what() << std::endl;
+        return 1;
+      }
+    }
+    keyring_options.strategy = keys::KeyringStrategy::vault;
+    keyring_options.vault_description = describe_vault_secret(kv.address, kv.mount, kv.path);
+    keyring_options.vault_source = vault_keyring_source(std::move(vo));
+  }
   keys::Keyring keyring(*store, keys, token, keyring_options);
   service.set_keyring(&keyring);
+  keys::KongKeys kong(*store, keys, token);
+  service.set_kong(&kong);
+  if (keyring.strategy() == keys::KeyringStrategy::vault) {
+    // Before the listener starts; a Vault that cannot be read does not stop the server: the
+    // keyring stays as stored (empty on a first start) until POST /keyring/vault/sync succeeds.
+    try {
+      keyring.sync(keys::Keyring::kVaultNamespace);
+    } catch (const std::exception& e) {
+      auto v = keyring.view(keys::Keyring::kVaultNamespace);
+      log::warn(std::string("keyring: start-up sync from Vault failed, the keyring stays as stored (") +
+                std::to_string(v.ids.size()) + " keys); retry with POST /keyring/vault/sync: " + e.what());
+    }
+  }
   std::unique_ptr<audit::AuditLog> audit_log;
   if (!config.audit.path.empty()) {
     try {
@@ -160,6 +211,25 @@ int run_server(const Config& config, const std::string& banner) {
   keys::RotationWorker rotation(keys, *store, config.source_file.empty() ? std::chrono::seconds(1) : std::chrono::seconds(30));
   // BYOK: every P11kmsKey is validated in the token each byok.validation_interval.
   keys::ByokValidationWorker byok_validation(byok, *store, std::chrono::seconds(config.byok.validation_interval_s));
+  // Scale-out: heartbeats (which renew the leases of intents in flight) and the sweeper.
+  auto heartbeat = std::make_unique<keys::PeriodicJob>(std::chrono::seconds(config.cluster.heartbeat_s), [&keys] {
+    try {
+      keys.heartbeat();
+    } catch (const std::exception& e) {
+      log::warn(std::string("heartbeat: ") + e.what());
+    }
+  });
+  auto sweeper = std::make_unique<keys::PeriodicJob>(std::chrono::seconds(config.cluster.sweep_interval_s), [&keys] {
+    try {
+      auto r = keys.sweep();
+      if (r.intents_settled || r.orphans_destroyed || !r.missing.empty())
+        log::info("sweep: " + std::to_string(r.intents_settled) + " intents settled, " +
+                  std::to_string(r.orphans_destroyed) + " orphan objects destroyed, " +
+                  std::to_string(r.missing.size()) + " versions missing their object");
+    } catch (const std::exception& e) {
+      log::warn(std::string("sweep: ") + e.what());
+    }
+  });
 
   for (;;) {
     int sig = 0;
@@ -176,6 +246,9 @@ int run_server(const Config& config, const std::string& banner) {
   // down (a sanitized run under load caught a use-after-free here).
   if (!service.drain(std::chrono::seconds(10)))
     log::warn("shutdown: requests still running after 10 s; exiting anyway");
+  sweeper.reset();
+  heartbeat.reset();  // stopped first, so the row removed below stays removed
+  keys.retire();
   return 0;
 }
 

@@ -196,6 +196,7 @@ std::optional<CK_OBJECT_HANDLE> Token::find(SessionPool::Lease& l, const ObjectI
 
 CK_OBJECT_HANDLE Token::handle(SessionPool::Lease& l, const ObjectId& id) {
   auto h = find(l, id);
+  if (!h) l.require_token_present();  // a vanished token loses every object: that is an outage
   if (!h) throw ObjectMissing("token object " + encoding::hex_encode(id) + " is missing from the token");
   return *h;
 }
@@ -346,6 +347,21 @@ std::optional<SecureBytes> Token::aes_gcm_decrypt(const KeyHandle& key, const By
   return out;
 }
 
+SecureBytes Token::aes_ecb_encrypt(const KeyHandle& key, const uint8_t* blocks, size_t len) {
+  if (len % 16 != 0) throw std::invalid_argument("AES-ECB input must be whole 16-byte blocks");
+  SecureBytes out(len);
+  if (len == 0) return out;  // modules refuse empty input; nothing to compute
+  CK_MECHANISM mech{CKM_AES_ECB, nullptr, 0};
+  auto l = pool_.lease();
+  init_operation(l, key, [&](CK_OBJECT_HANDLE h) { return l.fn()->C_EncryptInit(l.session(), &mech, h); }, "C_EncryptInit");
+  CK_ULONG out_len = out.size();
+  CK_RV rv = l.fn()->C_Encrypt(l.session(), const_cast<uint8_t*>(blocks), len, out.data(), &out_len);
+  if (rv != CKR_OK) l.discard();
+  l.check(rv, "C_Encrypt");
+  if (out_len != len) throw Pkcs11Error("C_Encrypt (AES-ECB returned a short result)", CKR_GENERAL_ERROR);
+  return out;
+}
+
 bool Token::destroy(const ObjectId& id) {
   auto l = pool_.lease();
   forget(id);
@@ -364,7 +380,9 @@ bool Token::destroy(const ObjectId& id) {
 bool Token::exists(const ObjectId& id) {
   auto l = pool_.lease();
   forget(id);
-  return find(l, id).has_value();
+  if (find(l, id)) return true;
+  l.require_token_present();  // "missing" is only reported about a token that is there
+  return false;
 }
 
 std::vector<ObjectInfo> Token::list_key_objects() {

@@ -146,11 +146,10 @@ class Token {
   // nullopt when the tag does not verify (or the data is not a GCM ciphertext).
   std::optional<SecureBytes> aes_gcm_decrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                                              const uint8_t* ciphertext, size_t len);
-  // An AES-ECB encrypt-then-decrypt round trip of `data` (a multiple of 16 bytes) with the key,
-  // in the token (token_probe.cpp): only for BYOK validation probes through a module without
-  // AES-GCM (p11-kit 0.24 remoting forwards ECB, not GCM); never used to protect data. True
-  // when the data came back unchanged.
-  bool aes_ecb_round_trip(const KeyHandle& key, const SecureBytes& data);
+  // Raw AES-ECB encryption of whole blocks (`len` a multiple of 16, may be 0) in the token: the
+  // keystream of the master seal's AES-CTR scheme (keys/master_seal.hpp) where the module lacks
+  // AES-GCM. Needs only CKA_ENCRYPT on the key; the result is wiped on release.
+  SecureBytes aes_ecb_encrypt(const KeyHandle& key, const uint8_t* blocks, size_t len);
 
   // Vault's secure import (BYOK). The wrapping key: a persistent RSA key pair whose private
   // half unwraps (and decrypts raw RSA, see import_wrapped); returns the public SPKI DER.
@@ -182,6 +181,18 @@ class Token {
   // every buffer that held it is wiped. Returns the public key as SubjectPublicKeyInfo DER.
   // Throws std::invalid_argument if the PEM is not such a key.
   Bytes import_rsa_decryption_key(const ObjectId& id, const std::string& label, const SecretString& pem);
+  // JOSE keys (Kong's /keys; hsm/jose_keys.cpp). A private key from PKCS#8 DER (RSA 2048-4096,
+  // EC P-256/P-384/P-521, Ed25519) as a persistent private, sensitive, non-extractable token
+  // object with only the usages JOSE needs: RSA CKA_SIGN + CKA_DECRYPT (RSA-OAEP), EC CKA_SIGN +
+  // CKA_DERIVE (ECDH-ES), Ed25519 CKA_SIGN. Every template copy is wiped. Returns the public key
+  // as SubjectPublicKeyInfo DER. Throws std::invalid_argument for any other key.
+  Bytes import_private_key(const ObjectId& id, const std::string& label, const SecureBytes& pkcs8);
+  // ECDH-ES: CKM_ECDH1_DERIVE (CKD_NULL) of the EC private key with the peer's uncompressed
+  // point, Z a sensitive non-extractable session object, then the JWA Concat KDF (SHA-256,
+  // RFC 7518 4.6.2) over Z in the token (C_DigestKey), so Z never leaves it; only the derived
+  // `out_bytes` come back. Throws ImportRejected when the point is refused.
+  SecureBytes ecdh_concat_kdf(const ObjectId& private_key, const Bytes& peer_point, size_t z_bytes,
+                              const Bytes& other_info, size_t out_bytes);
   // The modulus size in bytes of a persistent RSA private key.
   size_t rsa_modulus_bytes(const ObjectId& private_key);
   // Drops the cached session objects (loaded or derived) whose cache id starts with `prefix`,

@@ -1,4 +1,5 @@
 #include "keys/key_service.hpp"
+#include "keys/kong_keys.hpp"
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -7,6 +8,7 @@
 
 #include <cctype>
 #include <chrono>
+#include <limits>
 #include <set>
 #include <thread>
 
@@ -123,7 +125,58 @@ std::vector<uint8_t> new_iv() {
 }  // namespace
 
 KeyService::KeyService(store::MetadataStore& store, hsm::Token& token, ServiceLimits limits)
-    : store_(store), token_(token), limits_(limits) {}
+    : store_(store), token_(token), limits_(limits) {
+  if (limits_.cluster.instance_id.empty()) limits_.cluster.instance_id = uuid::new_v4();
+  if (limits_.cache_metadata && limits_.check_cached_versions)
+    store_.on_key_change([this](const std::string& ns, const std::string& name) {
+      std::lock_guard<std::mutex> lk(cache_mu_);
+      ++cache_stats_.notifications;
+      if (name.empty()) cache_.clear();
+      else cache_.erase(cache_key(KeyRef{ns, name}));
+    });
+}
+
+KeyService::~KeyService() {
+  if (limits_.cache_metadata && limits_.check_cached_versions) store_.on_key_change(nullptr);
+}
+
+KeyService::CacheStats KeyService::cache_stats() const {
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  return cache_stats_;
+}
+
+// Held by every write that creates token objects, after write_mu_: the intents it commits
+// stay in flight (renewed by heartbeats) until it ends, settled or not.
+class KeyService::IntentScope {
+ public:
+  explicit IntentScope(KeyService& ks) : ks_(ks) {}
+  ~IntentScope() {
+    std::lock_guard<std::mutex> lk(ks_.inflight_mu_);
+    ks_.inflight_.clear();
+  }
+
+ private:
+  KeyService& ks_;
+};
+
+void KeyService::begin_intent(const std::string& object_id, const std::string& label, int64_t created_at) {
+  store::Intent intent{object_id, label, created_at};
+  intent.owner = limits_.cluster.instance_id;
+  intent.lease_expires = now_seconds() + limits_.cluster.intent_lease_s;
+  {
+    std::lock_guard<std::mutex> lk(inflight_mu_);
+    inflight_.insert(object_id);
+  }
+  store_.add_intent(intent);
+}
+
+store::Intent KeyService::object_intent(const std::string& object_id, const std::string& label, bool doomed) const {
+  store::Intent intent{object_id, label, now_seconds()};
+  intent.owner = limits_.cluster.instance_id;
+  intent.lease_expires = now_seconds() + limits_.cluster.intent_lease_s;
+  intent.doomed = doomed;
+  return intent;
+}
 
 void KeyService::validate_name(const std::string& name) const {
   bool ok = !name.empty() && name.size() <= limits_.max_key_name_length;
@@ -142,6 +195,20 @@ std::shared_ptr<const Key> KeyService::load(const KeyRef& ref) {
     std::lock_guard<std::mutex> lk(cache_mu_);
     auto it = cache_.find(cache_key(ref));
     if (it != cache_.end()) key = it->second;
+  }
+  if (key && limits_.check_cached_versions) {
+    // Never a stale version nor a deleted key: the cached copy must match the store now.
+    auto stamp = store_.key_stamp(ref.ns, ref.name);
+    bool current = stamp && stamp->id == key->record().id && stamp->generation == key->record().generation;
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    if (current) {
+      ++cache_stats_.hits;
+    } else {
+      ++cache_stats_.stale;
+      cache_.erase(cache_key(ref));
+      key = nullptr;
+      if (!stamp) return nullptr;
+    }
   }
   if (!key) {
     auto rec = store_.get_key(ref.ns, ref.name);
@@ -197,9 +264,14 @@ store::VersionRecord KeyService::create_version_object(const Key& key, int versi
   v.id = uuid::new_v4();
   v.object_id = encoding::hex_encode(id);
   v.created_at = now_seconds();
-  store_.add_intent(store::Intent{v.object_id, label, v.created_at});
+  begin_intent(v.object_id, label, v.created_at);
   try {
-    with_generation_retries([&] { make_version_object(key, id, label, material, v); });
+    bool retry = false;
+    with_generation_retries([&] {
+      if (retry) token_.destroy(id);  // whatever a failed attempt may have left of it
+      retry = true;
+      make_version_object(key, id, label, material, v);
+    });
   } catch (...) {
     try {
       token_.destroy(id);
@@ -213,8 +285,10 @@ store::VersionRecord KeyService::create_version_object(const Key& key, int versi
 }
 
 // SoftHSM under several processes sometimes answers CKR_GENERAL_ERROR to concurrent key
-// generation; a few retries (each starting clean: nothing was created) absorb that, and only a
-// persistent failure reaches the caller.
+// generation, and CKR_TEMPLATE_INCONSISTENT (for a template that works every other time: its
+// object file could not be written) right after another process sharing the token directory
+// was killed; a few retries (each starting clean) absorb that, and only a persistent failure
+// reaches the caller.
 template <typename F>
 void KeyService::with_generation_retries(F&& make) {
   for (int attempt = 1;; ++attempt) {
@@ -222,7 +296,7 @@ void KeyService::with_generation_retries(F&& make) {
       make();
       return;
     } catch (const hsm::Pkcs11Error& e) {
-      if (e.rv() != CKR_GENERAL_ERROR || attempt >= 3) throw;
+      if ((e.rv() != CKR_GENERAL_ERROR && e.rv() != CKR_TEMPLATE_INCONSISTENT) || attempt >= 5) throw;
       log::warn(std::string("keys: retrying a token object creation after ") + e.what());
       std::this_thread::sleep_for(std::chrono::milliseconds(20 * attempt));
     }
@@ -322,6 +396,7 @@ hsm::KeyHandle KeyService::derived_handle(const Key& key, const store::VersionRe
 
 void KeyService::ensure_hmac_key(const KeyRef& ref, int version) {
   std::lock_guard<std::mutex> lk(write_mu_);
+  IntentScope intents(*this);
   invalidate(ref);
   auto key = load_existing(ref);
   auto it = key->record().versions.find(version);
@@ -331,16 +406,13 @@ void KeyService::ensure_hmac_key(const KeyRef& ref, int version) {
   if (key->record().exportable) {
     // Vault's size; sealed like the key's own material, under its own AAD.
     auto material = token_.random_secret(kVaultHmacKeyBytes);
-    auto iv = new_iv();
-    auto sealed = token_.aes_gcm_encrypt(master_key(), iv, hmac_aad(ref.ns, key->record().id, version),
-                                         material.data(), material.size());
-    iv.insert(iv.end(), sealed.begin(), sealed.end());
-    store_.set_version_hmac(ref.ns, ref.name, version, "", encoding::base64_encode(iv));
+    store_.set_version_hmac(ref.ns, ref.name, version, "",
+                            master_seal_.seal(hmac_aad(ref.ns, key->record().id, version), material));
   } else {
     auto id = token_.new_object_id();
     std::string hex = encoding::hex_encode(id);
     std::string label = key->label_for(version) + "/hmac";
-    store_.add_intent(store::Intent{hex, label, now_seconds()});
+    begin_intent(hex, label, now_seconds());
     try {
       token_.generate_hmac_key(id, kTokenHmacKeyBytes, label);
       if (!store_.set_version_hmac(ref.ns, ref.name, version, hex, "")) throw std::runtime_error("lost a race");
@@ -374,10 +446,7 @@ hsm::KeyHandle KeyService::hmac_handle(const KeyRef& ref, std::shared_ptr<const 
   std::string ns = key->record().ns, key_id = key->record().id, sealed = v->hmac_sealed;
   int number = v->version;
   return hsm::KeyHandle(session_id(v->id, "/hmac"), [this, ns, key_id, sealed, number] {
-    auto blob = encoding::base64_decode(sealed);
-    if (!blob || blob->size() < 12 + 16) throw KeyError(ErrorKind::internal, "internal", "corrupt sealed HMAC key");
-    hsm::Bytes iv(blob->begin(), blob->begin() + 12);
-    auto pt = token_.aes_gcm_decrypt(master_key(), iv, hmac_aad(ns, key_id, number), blob->data() + 12, blob->size() - 12);
+    auto pt = master_seal_.unseal(hmac_aad(ns, key_id, number), sealed);
     if (!pt) throw KeyError(ErrorKind::internal, "internal", "sealed HMAC key does not open");
     return hsm::session_secret_template(CKK_GENERIC_SECRET, padded_hmac_key(*pt), {CKA_SIGN, CKA_VERIFY});
   });
@@ -405,52 +474,14 @@ void KeyService::check_material(KeyType type, const hsm::SecureBytes& material) 
                   "invalid_payload");
 }
 
-const hsm::ObjectId& KeyService::master_key() {
-  require_capability(hsm::CapabilityKind::key_type, hsm::cap::kExportable,
-                     "sealing or opening exportable key material under the master key");
-  std::lock_guard<std::mutex> lk(master_mu_);
-  if (!master_key_id_.empty()) return master_key_id_;
-  const char* setting = "keys.master_key_id";
-  if (auto hex = store_.get_setting(setting)) {
-    auto id = encoding::hex_decode(*hex);
-    if (!id) throw KeyError(ErrorKind::internal, "internal", "corrupt master key id in the store");
-    master_key_id_ = *id;
-    return master_key_id_;
-  }
-  // Created on first use. A crash between the two steps leaves one unreferenced system key on
-  // the token (never a key without its object): the setting is written only after it exists.
-  auto id = token_.new_object_id();
-  token_.generate_aes_key(id, 32, "p11kms-system/master-key");
-  // Another instance may have made one at the same moment: the first recorded wins and the
-  // other is destroyed, so every instance seals under the same key.
-  std::string stored = store_.put_setting_if_absent(setting, encoding::hex_encode(id));
-  if (stored != encoding::hex_encode(id)) {
-    token_.destroy(id);
-    auto theirs = encoding::hex_decode(stored);
-    if (!theirs) throw KeyError(ErrorKind::internal, "internal", "corrupt master key id in the store");
-    master_key_id_ = *theirs;
-    return master_key_id_;
-  }
-  log::info("keys: created the master key that seals exportable key material");
-  master_key_id_ = id;
-  return master_key_id_;
-}
-
+// Sealing and opening under the master key: keys/master_seal.hpp (scheme chosen from the
+// module's mechanisms and recorded in each blob).
 std::string KeyService::seal_material(const store::KeyRecord& key, int version, const hsm::SecureBytes& material) {
-  auto iv = new_iv();
-  auto sealed = token_.aes_gcm_encrypt(master_key(), iv, sealed_material_aad(key.ns, key.id, version),
-                                       material.data(), material.size());
-  iv.insert(iv.end(), sealed.begin(), sealed.end());
-  return encoding::base64_encode(iv);
+  return master_seal_.seal(sealed_material_aad(key.ns, key.id, version), material);
 }
 
 hsm::SecureBytes KeyService::unseal_material(const store::KeyRecord& key, const store::VersionRecord& v) {
-  auto blob = encoding::base64_decode(v.sealed);
-  if (!blob || blob->size() < 12 + 16)
-    throw KeyError(ErrorKind::internal, "internal", "corrupt sealed material in the store");
-  hsm::Bytes iv(blob->begin(), blob->begin() + 12);
-  auto pt = token_.aes_gcm_decrypt(master_key(), iv, sealed_material_aad(key.ns, key.id, v.version),
-                                   blob->data() + 12, blob->size() - 12);
+  auto pt = master_seal_.unseal(sealed_material_aad(key.ns, key.id, v.version), v.sealed);
   if (!pt)
     throw KeyError(ErrorKind::internal, "internal",
                    "sealed material of key " + key.id + " v" + std::to_string(v.version) + " does not open");
@@ -504,9 +535,12 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
     }
     if (spec.material) check_material(*type, *spec.material);
     std::lock_guard<std::mutex> lk(write_mu_);
+    IntentScope intents(*this);
     if (auto existing = load(KeyRef{ref.ns, ref.name})) return CreateResult{existing->record(), false};
     if (alias_target(ref.ns, ref.name))
       throw conflict("\"" + ref.name + "\" is already an alias of another key in this namespace", "name_in_use");
+    if (kong_name_taken(store_, ref.ns, ref.name))
+      throw conflict("\"" + ref.name + "\" is already the name of a key in /keys in this namespace", "name_in_use");
     store::KeyRecord rec;
     rec.id = uuid::new_v4();
     rec.ns = ref.ns;
@@ -603,6 +637,7 @@ store::KeyRecord KeyService::configure_key(const KeyRef& ref, const KeyConfigCha
 store::KeyRecord KeyService::rotate_key(const KeyRef& ref, const hsm::SecureBytes* material) {
   return guarded([&] {
     std::lock_guard<std::mutex> lk(write_mu_);
+    IntentScope intents(*this);
     auto key = load_existing(ref);
     key->require_state_for(KeyUse::rotate, now_seconds());
     if (key->type() == KeyType::standard)
@@ -1032,11 +1067,7 @@ ExportResult KeyService::export_key(const KeyRef& ref, const std::string& export
           key = load_existing(ref);
           v = key->record().versions.at(n);
         }
-        auto blob = encoding::base64_decode(v.hmac_sealed);
-        if (!blob || blob->size() < 28) throw KeyError(ErrorKind::internal, "internal", "corrupt sealed HMAC key");
-        hsm::Bytes iv(blob->begin(), blob->begin() + 12);
-        auto pt = token_.aes_gcm_decrypt(master_key(), iv, hmac_aad(ref.ns, key->record().id, n), blob->data() + 12,
-                                         blob->size() - 12);
+        auto pt = master_seal_.unseal(hmac_aad(ref.ns, key->record().id, n), v.hmac_sealed);
         if (!pt) throw KeyError(ErrorKind::internal, "internal", "sealed HMAC key does not open");
         out.keys[n] = encoding::base64_encode(pt->data(), pt->size());
         continue;
@@ -1054,44 +1085,132 @@ std::vector<uint8_t> KeyService::random_bytes(size_t n) {
   return guarded([&] { return token_.random(n); });
 }
 
-SweepReport KeyService::sweep(int64_t min_intent_age_s) {
+void KeyService::heartbeat() {
+  std::vector<std::string> ids;
+  {
+    std::lock_guard<std::mutex> lk(inflight_mu_);
+    ids.assign(inflight_.begin(), inflight_.end());
+  }
+  int64_t now = now_seconds();
+  store_.heartbeat(limits_.cluster.instance_id, now);
+  store_.renew_intents(limits_.cluster.instance_id, ids, now + limits_.cluster.intent_lease_s);
+}
+
+void KeyService::retire() noexcept {
+  try {
+    store_.remove_instance(limits_.cluster.instance_id);
+  } catch (const std::exception& e) {
+    log::warn(std::string("keys: heartbeat row not removed: ") + e.what());
+  }
+}
+
+SweepReport KeyService::sweep() {
   return guarded([&] {
-    std::lock_guard<std::mutex> lk(write_mu_);
+    // No write_mu_: another instance's writes race with this anyway. Intents in flight are
+    // protected by their leases, claims are atomic in the store, and destroying an object
+    // twice is harmless.
+    std::lock_guard<std::mutex> one(sweep_mu_);
     SweepReport report;
-    // Objects first: any object seen here had its intent committed before it was created, so
-    // the store read below explains it (a row or an intent) unless it is not ours.
+    const auto& cluster = limits_.cluster;
+    const std::string& me = cluster.instance_id;
+    const int64_t now = now_seconds();
+    // Another instance is alive while its latest heartbeat is within three intervals. With a
+    // store only this process writes, no other owner is.
+    const int64_t alive_since =
+        cluster.shared_store ? now - 3 * cluster.heartbeat_s : std::numeric_limits<int64_t>::max();
+    std::set<std::string> alive;
+    if (cluster.shared_store)
+      for (const auto& i : store_.list_instances())
+        if (i.last_seen >= alive_since) alive.insert(i.id);
+
+    // Objects first, then intents, then versions: an object listed here had its intent
+    // committed before it was created, so when the intents are read it still has one, or its
+    // metadata committed (and the versions read after show it), or it was destroyed.
     auto objects = token_.list_key_objects();
-    auto versions = store_.all_versions();
     auto intents = store_.list_intents();
+    auto versions = store_.all_versions();
     std::set<std::string> referenced, present, intended;
     for (const auto& v : versions) referenced.insert(v.object_id);
     for (const auto& o : objects) present.insert(encoding::hex_encode(o.id));
 
     std::vector<store::Intent> to_destroy;
-    const int64_t young = now_seconds() - min_intent_age_s;
     for (const auto& intent : intents) {
       intended.insert(intent.object_id);
-      if (min_intent_age_s > 0 && intent.created_at > young) continue;
       if (referenced.count(intent.object_id)) {
+        if (intent.doomed) {
+          // Never destroy what metadata names; say so instead.
+          log::error("sweep: object " + intent.object_id + " (" + intent.label +
+                     ") has a destroy intent but metadata still names it; left in place");
+          continue;
+        }
         store_.remove_intent(intent.object_id);
         ++report.intents_settled;
-      } else {
-        if (present.count(intent.object_id)) ++report.orphans_destroyed;
-        to_destroy.push_back(intent);
+        continue;
       }
+      if (!intent.doomed) {
+        bool mine_or_orphaned = intent.owner == me || !alive.count(intent.owner);
+        bool lease_over = intent.lease_expires <= now || (!cluster.shared_store && intent.owner != me);
+        if (!mine_or_orphaned || !lease_over) {
+          ++report.intents_waiting;
+          continue;
+        }
+      }
+      // A store only this process writes: a previous run's intent is over whatever its lease.
+      int64_t at = !cluster.shared_store && intent.owner != me ? std::numeric_limits<int64_t>::max() : now;
+      if (!store_.claim_intent(intent.object_id, me, at, alive_since)) {
+        ++report.intents_waiting;  // settled meanwhile, or renewed by its owner
+        continue;
+      }
+      if (present.count(intent.object_id)) ++report.orphans_destroyed;
+      if (!intent.doomed)
+        log::warn("sweep: destroying object " + intent.object_id + " (" + intent.label + "): its intent's lease expired" +
+                  (intent.owner == me ? "" : " and its owner " + (intent.owner.empty() ? std::string("(none)") : intent.owner) +
+                                                 " is not alive") + ", and no metadata names it");
+      to_destroy.push_back(intent);
     }
     destroy_for_intents(to_destroy);
 
+    // What looks wrong is checked again before it is reported: a write may have landed between
+    // the reads above (a version committed after the object listing, a key deleted since).
+    std::vector<std::pair<std::string, std::string>> unknown;  // hex, label
     for (const auto& o : objects) {
       std::string hex = encoding::hex_encode(o.id);
-      if (o.label.rfind("p11kms/", 0) == 0 && !referenced.count(hex) && !intended.count(hex)) {
-        // Never destroyed blindly: another deployment may share the token.
-        ++report.unknown_objects;
-        log::warn("sweep: token object " + hex + " (" + o.label + ") is not known to this store; left in place");
-      }
+      if (o.label.rfind("p11kms/", 0) == 0 && !referenced.count(hex) && !intended.count(hex)) unknown.emplace_back(hex, o.label);
     }
-    for (const auto& v : versions) {
-      if (!present.count(v.object_id)) {
+    std::vector<store::MetadataStore::VersionRef> absent;
+    for (const auto& v : versions)
+      if (!present.count(v.object_id)) absent.push_back(v);
+    if (!unknown.empty() || !absent.empty()) {
+      std::set<std::string> now_present;
+      for (const auto& o : token_.list_key_objects()) now_present.insert(encoding::hex_encode(o.id));
+      if (!unknown.empty()) {
+        std::set<std::string> explained;
+        for (const auto& i : store_.list_intents()) explained.insert(i.object_id);
+        for (const auto& v : store_.all_versions()) explained.insert(v.object_id);
+        for (const auto& [hex, label] : unknown) {
+          if (!now_present.count(hex) || explained.count(hex)) continue;
+          // Never destroyed blindly: another deployment may share the token.
+          ++report.unknown_objects;
+          log::warn("sweep: token object " + hex + " (" + label + ") is not known to this store; left in place");
+        }
+      }
+      for (const auto& v : absent) {
+        if (now_present.count(v.object_id)) continue;
+        // SoftHSM skips an object whose file another session is rewriting at that moment: a
+        // lookup by CKA_ID, tried a few times, is what decides.
+        bool found = false;
+        if (auto id = encoding::hex_decode(v.object_id))
+          for (int attempt = 0; attempt < 3 && !found; ++attempt) {
+            if (attempt) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+            found = token_.exists(*id);
+          }
+        if (found) continue;
+        auto key = store_.get_key(v.ns, v.name);
+        bool still_named = false;
+        if (key)
+          if (auto it = key->versions.find(v.version); it != key->versions.end())
+            still_named = it->second.object_id == v.object_id || it->second.hmac_object_id == v.object_id;
+        if (!still_named) continue;
         report.missing.push_back(MissingObject{v.ns, v.name, v.version});
         log::error("sweep: key " + v.ns + "/" + v.name + " v" + std::to_string(v.version) +
                    " has no object on the token (object id " + v.object_id + ")");
@@ -1188,7 +1307,7 @@ store::VersionRecord KeyService::import_version_object(const Key& key, int versi
   v.id = uuid::new_v4();
   v.object_id = encoding::hex_encode(id);
   v.created_at = now_seconds();
-  store_.add_intent(store::Intent{v.object_id, label, v.created_at});
+  begin_intent(v.object_id, label, v.created_at);
   try {
     if (is_asymmetric(type)) {
       auto spec = pair_spec(type);
@@ -1243,11 +1362,14 @@ CreateResult KeyService::import_key(const KeyRef& ref, const KeySpec& spec, cons
                     "cannot unwrap Ed25519 private keys (SoftHSM: CKR_FUNCTION_FAILED); import it with exportable "
                     "set, or use another key type", "mechanism_unavailable");
     std::lock_guard<std::mutex> lk(write_mu_);
+    IntentScope intents(*this);
     if (load(KeyRef{ref.ns, ref.name}))
       throw invalid("key \"" + ref.name + "\" already exists: the import path cannot be used with an existing key; "
                     "use import_version to add a version to an imported key", "key_exists");
     if (alias_target(ref.ns, ref.name))
       throw conflict("\"" + ref.name + "\" is already an alias of another key in this namespace", "name_in_use");
+    if (kong_name_taken(store_, ref.ns, ref.name))
+      throw conflict("\"" + ref.name + "\" is already the name of a key in /keys in this namespace", "name_in_use");
     store::KeyRecord rec;
     rec.id = uuid::new_v4();
     rec.ns = ref.ns;
@@ -1293,6 +1415,7 @@ store::KeyRecord KeyService::import_key_version(const KeyRef& ref, const Wrapped
     oaep_hash_of(wrapped.hash_function);
     if (wrapped.ciphertext.empty()) throw invalid("missing ciphertext: the wrapped key to import");
     std::lock_guard<std::mutex> lk(write_mu_);
+    IntentScope intents(*this);
     auto key = load_existing(ref);
     key->require_state_for(KeyUse::rotate, now_seconds());
     KeyType type = key->type();

@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <mutex>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "hsm/secret.hpp"
 #include "hsm/token.hpp"
 #include "keys/key.hpp"
+#include "keys/master_seal.hpp"
 #include "keys/signing.hpp"
 #include "keys/usage_tracker.hpp"
 #include "store/metadata_store.hpp"
@@ -87,12 +89,28 @@ struct UnwrapResult {
   std::optional<Wrapped> rewrapped;  // under the latest version, when an older one wrapped it
 };
 
+// Several instances on one store (config `cluster`): intents carry this instance's id and a
+// lease it renews with every heartbeat while it creates the object; sweepers destroy only
+// objects whose intent lease expired and whose owner has missed three heartbeats.
+struct ClusterOptions {
+  std::string instance_id;      // this process; "" = a fresh UUID
+  int64_t intent_lease_s = 60;  // how long an intent protects its object without renewal
+  int64_t heartbeat_s = 5;      // how often this instance records that it is alive
+  // Other instances may write the store (PostgreSQL). Without, every intent not this
+  // process's is a previous run's and is settled at once.
+  bool shared_store = false;
+};
+
 struct ServiceLimits {
   size_t max_key_name_length = 128;
-  // Cache key metadata in memory. Only safe when this process is the store's only writer
-  // (SQLite); with a shared PostgreSQL every operation reads the store, so another instance's
-  // rotation or deletion is seen by the next request (read-your-writes across instances).
+  // Cache key metadata in memory.
   bool cache_metadata = true;
+  // Other instances write the store too (PostgreSQL): a cached key is used only after its
+  // stamp (id and generation, one cheap read) matches the store's, so another instance's
+  // rotation, config change or deletion is seen by the next request (read-your-writes across
+  // instances); LISTEN/NOTIFY evicts changed keys early, never replacing that check.
+  bool check_cached_versions = false;
+  ClusterOptions cluster;
 };
 
 struct CreateResult {
@@ -119,6 +137,7 @@ struct SweepReport {
   size_t intents_settled = 0;      // intents whose object was kept (metadata committed)
   size_t orphans_destroyed = 0;    // objects whose metadata never committed, or was deleted
   size_t unknown_objects = 0;      // p11kms-labelled objects no store row or intent explains
+  size_t intents_waiting = 0;      // left alone: within their lease, or their owner is alive
   std::vector<MissingObject> missing;
 };
 
@@ -135,6 +154,16 @@ struct Health {
 class KeyService {
  public:
   KeyService(store::MetadataStore& store, hsm::Token& token, ServiceLimits limits = {});
+  ~KeyService();
+  KeyService(const KeyService&) = delete;
+  KeyService& operator=(const KeyService&) = delete;
+
+  // How the metadata cache did: cached keys used after a matching stamp, cached keys found
+  // stale (reloaded), and change notifications received from the store.
+  struct CacheStats {
+    uint64_t hits = 0, stale = 0, notifications = 0;
+  };
+  CacheStats cache_stats() const;
 
   // Creates the key unless one of that name is live (then created = false, nothing changes).
   CreateResult create_key(const KeyRef& ref, const KeySpec& spec);
@@ -228,15 +257,28 @@ class KeyService {
   std::vector<uint8_t> random_bytes(size_t n);
 
   // Small secrets kept by registries on top of the store (the Kong keyring, keyring.cpp):
-  // AES-256-GCM under the token's master key, bound to `aad`; base64(iv || ciphertext || tag).
+  // Sealed under the token's master key, bound to `aad` (keys/master_seal.hpp: "aes-gcm:..." or,
+  // where the module lacks AES-GCM, "aes-ctr-hmac:..."; unprefixed legacy AES-GCM blobs open).
   // unseal_secret: nullopt when the blob does not open (tampered, or sealed for another aad).
   std::string seal_secret(const std::string& aad, const hsm::SecureBytes& secret);
   std::optional<hsm::SecureBytes> unseal_secret(const std::string& aad, const std::string& sealed);
 
-  // Settles creation/deletion intents left by a crash; checks every version has its object.
-  // Intents younger than min_intent_age_s are left alone: with a shared store they may belong
-  // to another instance that is creating that object right now.
-  SweepReport sweep(int64_t min_intent_age_s = 0);
+  // Settles creation/deletion intents left by a crash (at start-up and every sweep_interval);
+  // checks every version has its object. An object is destroyed only when its intent is doomed
+  // (a deletion's) or its lease has expired and its owner is this instance or has missed three
+  // heartbeats; never one another live instance is still creating.
+  // An intent for a token object that a registry kept in settings makes (Kong keys), owned by
+  // this instance with the configured lease, so no sweeper destroys the object while it is
+  // being made. Commit it before creating the object; settle it with the record that names
+  // the object (MetadataStore::put_setting_settling_intent). `doomed`: an order to destroy.
+  store::Intent object_intent(const std::string& object_id, const std::string& label, bool doomed = false) const;
+  SweepReport sweep();
+  // Records this instance's heartbeat and renews the leases of the intents it is working on.
+  void heartbeat();
+  // A clean shutdown: this instance's heartbeat row goes (its intents are then anyone's to
+  // settle once their leases expire).
+  void retire() noexcept;
+  const std::string& instance_id() const { return limits_.cluster.instance_id; }
   Health health();
 
   void validate_name(const std::string& name) const;
@@ -280,7 +322,6 @@ class KeyService {
   store::VersionRecord new_version(const Key& key, int version, const hsm::SecureBytes* material);
   void discard_version(const store::VersionRecord& v) noexcept;
   void check_material(KeyType type, const hsm::SecureBytes& material) const;
-  const hsm::ObjectId& master_key();
   std::string seal_material(const store::KeyRecord& key, int version, const hsm::SecureBytes& material);
   hsm::SecureBytes unseal_material(const store::KeyRecord& key, const store::VersionRecord& v);
   std::shared_ptr<const Key> load_wrapping_key(const KeyRef& ref, KeyUse use);
@@ -293,6 +334,10 @@ class KeyService {
   void require_capability(hsm::CapabilityKind kind, const char* name, const std::string& what) const;
   void require_aes_gcm(const std::string& what = "encrypting or decrypting with an AES-GCM key") const;
   void destroy_for_intents(const std::vector<store::Intent>& intents);
+  // Commits an intent owned by this instance (lease from now) and remembers it as in flight
+  // until the write holding write_mu_ ends (IntentScope), so heartbeats renew its lease.
+  void begin_intent(const std::string& object_id, const std::string& label, int64_t created_at);
+  class IntentScope;
   template <typename F>
   auto guarded(F&& f) -> decltype(f());
 
@@ -302,13 +347,17 @@ class KeyService {
   UsageTracker usage_;
 
   std::mutex write_mu_;  // serializes metadata writes (create, rotate, config, delete)
-  std::mutex cache_mu_;
+  mutable std::mutex cache_mu_;
+  CacheStats cache_stats_;  // under cache_mu_
   std::unordered_map<std::string, std::shared_ptr<const Key>> cache_;
   std::mutex master_mu_;
-  hsm::ObjectId master_key_id_;  // empty until first needed
+  MasterSeal master_seal_{store_, token_};  // everything sealed under the master key goes through it
   hsm::ObjectId wrapping_key_id_;  // transit's import key; empty until first needed
   std::mutex missing_mu_;
   std::vector<MissingObject> missing_;
+  std::mutex inflight_mu_;
+  std::set<std::string> inflight_;  // object ids of intents the current writer is working on
+  std::mutex sweep_mu_;             // one sweep at a time in this process
 };
 
 }  // namespace p11kms::keys

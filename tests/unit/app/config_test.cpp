@@ -43,6 +43,9 @@ std::string token_with(const std::string& extra_lines) {
   return kHsm + "auth:\n  tokens:\n    - token_sha256: " + kHash + "\n" + extra_lines;
 }
 
+// mTLS: what a certificate-bound token needs to be reachable.
+const std::string kMtls = "listen:\n  tls:\n    cert_file: /c.pem\n    key_file: /k.pem\n    client_ca_file: /ca.pem\n";
+
 }  // namespace
 
 // ---- valid configs and defaults ----
@@ -159,7 +162,66 @@ TEST(ParseConfig, UnavailableFeaturesRefusedNamingTheKey) {
   expect_config_error(kMinimal + "byok:\n  enabled: true\n", "byok");
   expect_config_error(token_with("      policies: [ops]\n"), "auth.tokens[0].policies");
   expect_config_error(token_with("      policies: [root, ops]\n"), "auth.tokens[0].policies");
-  expect_config_error(token_with("      cert_sha256: " + kHash + "\n"), "auth.tokens[0].cert_sha256");
+}
+
+// ---- mTLS: a client certificate's fingerprint bound to a token ----
+
+TEST(ParseConfig, CertFingerprintAcceptedInHexAndColonFormsNormalised) {
+  const std::string upper = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08";
+  std::string colons;
+  for (size_t i = 0; i < upper.size(); i += 2) colons += (i ? ":" : "") + upper.substr(i, 2);
+  auto expected = p11kms::policy::parse_token_hash(kHash);
+  ASSERT_TRUE(expected);
+  for (const auto& form : {kHash, upper, colons, "\"" + colons + "\""}) {
+    auto c = app::parse_config(kMtls + token_with("      cert_sha256: " + form + "\n"), kBase);
+    ASSERT_TRUE(c.tokens.at(0).cert_sha256) << form;
+    EXPECT_EQ(*c.tokens.at(0).cert_sha256, *expected) << form;
+  }
+  auto c = app::parse_config(kMinimal, kBase);
+  EXPECT_FALSE(c.tokens.at(0).cert_sha256);
+}
+
+TEST(ParseConfig, MalformedCertFingerprintRefusedNamingTheField) {
+  for (const std::string& bad : std::vector<std::string>{"abc", kHash.substr(2), kHash + "00", "zz" + kHash.substr(2), "sha256:" + kHash,
+                                std::string(95, ':'), "9f-86" + kHash.substr(4)}) {
+    auto msg = expect_config_error(token_with("      cert_sha256: \"" + bad + "\"\n"), "auth.tokens[0].cert_sha256");
+    EXPECT_TRUE(contains(msg, "fingerprint")) << msg;
+  }
+  // one certificate, one token
+  expect_config_error(kHsm + "auth:\n  tokens:\n    - {name: a, token_sha256: " + kHash + ", cert_sha256: " + kHash +
+                          "}\n    - {name: b, token_sha256: " + kHash + ", cert_sha256: " + kHash + "}\n",
+                      "auth.tokens[1].cert_sha256");
+}
+
+TEST(ParseConfig, CertFingerprintWithoutClientCaRefused) {
+  auto msg = expect_config_error(token_with("      cert_sha256: " + kHash + "\n"), "auth.tokens[0].cert_sha256");
+  EXPECT_TRUE(contains(msg, "client_ca_file")) << msg;
+}
+
+TEST(TokenAuthenticator, ClientCertificateAuthenticatesItsBoundTokenOnly) {
+  using namespace p11kms::policy;
+  TokenEntry bound;
+  bound.name = "bound";
+  bound.sha256 = sha256_of("secret-1");
+  bound.cert_sha256 = parse_token_hash(kHash);
+  TokenEntry plain;
+  plain.name = "plain";
+  plain.sha256 = sha256_of("secret-2");
+  TokenEntry expired = bound;
+  expired.name = "expired";
+  expired.cert_sha256 = parse_token_hash(std::string(64, 'a'));
+  expired.expires = 100;
+  TokenAuthenticator auth({bound, plain, expired});
+  auto* t = auth.authenticate_cert(kHash, 50);
+  ASSERT_TRUE(t);
+  EXPECT_EQ(t->name, "bound");
+  EXPECT_FALSE(auth.authenticate_cert(std::string(64, '0'), 50));
+  EXPECT_FALSE(auth.authenticate_cert("", 50));  // no client certificate
+  EXPECT_FALSE(auth.authenticate_cert("not hex", 50));
+  ASSERT_TRUE(auth.authenticate_cert(std::string(64, 'a'), 50));
+  EXPECT_FALSE(auth.authenticate_cert(std::string(64, 'a'), 100));  // expiry applies
+  // a token entry without cert_sha256 is never reached by a certificate
+  EXPECT_FALSE(auth.authenticate("secret-2", 50) == nullptr);
 }
 
 TEST(ParseConfig, PoliciesParsedAndTokensMayNameThem) {
@@ -407,4 +469,59 @@ TEST(ParseConfig, ByokBadValuesRefusedNamingTheKey) {
   expect_config_error(kMinimal + "byok:\n  max_keys: 0\n", "byok.max_keys");
   expect_config_error(kMinimal + "byok:\n  region: \"us west\"\n", "byok.region");
   expect_config_error(kMinimal + "byok:\n  regions: x\n", "byok.regions");
+}
+
+// ---- keyring: cluster (default) and vault strategies ----
+
+namespace {
+const std::string kVault = "keyring:\n  strategy: vault\n  vault:\n    address: https://vault.example:8200/\n"
+                           "    path: kong/keyring\n    token_file: vault.token\n";
+}  // namespace
+
+TEST(ParseConfig, KeyringDefaultsToCluster) {
+  auto c = app::parse_config(kMinimal, kBase);
+  EXPECT_EQ(c.keyring.strategy, "cluster");
+  EXPECT_TRUE(c.keyring.vault.address.empty());
+}
+
+TEST(ParseConfig, KeyringVaultParsed) {
+  auto c = app::parse_config(kMinimal + kVault + "    ca_file: ca/vault.pem\n", kBase);
+  EXPECT_EQ(c.keyring.strategy, "vault");
+  EXPECT_EQ(c.keyring.vault.address, "https://vault.example:8200");
+  EXPECT_EQ(c.keyring.vault.mount, "secret");
+  EXPECT_EQ(c.keyring.vault.path, "kong/keyring");
+  EXPECT_EQ(c.keyring.vault.token_file, "/srv/p11kms/vault.token");
+  EXPECT_EQ(c.keyring.vault.ca_file, "/srv/p11kms/ca/vault.pem");
+  auto d = app::parse_config(kMinimal + "keyring:\n  strategy: vault\n  vault: {address: 'http://127.0.0.1:8201', "
+                                        "mount: /kv2/, path: keyring, token_file: /run/vault.token}\n",
+                             kBase);
+  EXPECT_EQ(d.keyring.vault.address, "http://127.0.0.1:8201");
+  EXPECT_EQ(d.keyring.vault.mount, "kv2");
+  EXPECT_EQ(d.keyring.vault.token_file, "/run/vault.token");
+  EXPECT_TRUE(d.keyring.vault.ca_file.empty());
+}
+
+TEST(ParseConfig, KeyringVaultRefusalsNameTheField) {
+  const std::string head = kMinimal + "keyring:\n  strategy: vault\n  vault:\n";
+  expect_config_error(kMinimal + "keyring:\n  strategy: vault\n", "keyring.vault");
+  expect_config_error(kMinimal + "keyring:\n  strategy: other\n", "keyring.strategy");
+  expect_config_error(kMinimal + "keyring:\n  vault: {address: 'https://v:8200', path: k, token_file: t}\n",
+                      "keyring.vault");  // strategy is cluster
+  expect_config_error(head + "    path: k\n    token_file: t\n", "keyring.vault.address");
+  expect_config_error(head + "    address: vault:8200\n    path: k\n    token_file: t\n", "keyring.vault.address");
+  expect_config_error(head + "    address: ftp://vault\n    path: k\n    token_file: t\n", "keyring.vault.address");
+  expect_config_error(head + "    address: https://vault:8200/v1\n    path: k\n    token_file: t\n",
+                      "keyring.vault.address");
+  expect_config_error(head + "    address: https://v:8200\n    token_file: t\n", "keyring.vault.path");
+  expect_config_error(head + "    address: https://v:8200\n    path: 'a/../b'\n    token_file: t\n",
+                      "keyring.vault.path");
+  expect_config_error(head + "    address: https://v:8200\n    path: 'a?version=1'\n    token_file: t\n",
+                      "keyring.vault.path");
+  expect_config_error(head + "    address: https://v:8200\n    path: k\n    mount: ''\n    token_file: t\n",
+                      "keyring.vault.mount");
+  expect_config_error(head + "    address: https://v:8200\n    path: k\n", "keyring.vault.token_file");
+  expect_config_error(head + "    address: http://v:8200\n    path: k\n    token_file: t\n    ca_file: ca.pem\n",
+                      "keyring.vault.ca_file");
+  expect_config_error(head + "    address: https://v:8200\n    path: k\n    token_file: t\n    token: s.abc\n",
+                      "keyring.vault.token");
 }
