@@ -225,7 +225,7 @@ KongDecrypted KongKeys::decrypt(const std::string& ns, const std::string& x, con
     point.insert(point.end(), ex.begin(), ex.end());
     point.insert(point.end(), ey.begin(), ey.end());
     bool direct = alg == "ECDH-ES";
-    if (direct && !ek.empty()) throw bad_jwe("ECDH-ES (direct) has an empty encrypted key");
+    if (direct && !ek.empty()) throw bad_jwe("ECDH-ES (direct key agreement) must have an empty encrypted key");
     size_t out_len = direct ? cek_len : alg == "ECDH-ES+A128KW" ? 16 : 32;
     const std::string& algid = direct ? enc : alg;
     hsm::Bytes apu = header_bytes(h, "apu"), apv = header_bytes(h, "apv");

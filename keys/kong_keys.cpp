@@ -105,19 +105,6 @@ KongKey key_from_json(const json& j) {
   return k;
 }
 
-hsm::Bytes spki_of_pem(const std::string& pem) {
-  std::string body;
-  for (size_t i = 0; i < pem.size();) {
-    size_t e = pem.find('\n', i);
-    if (e == std::string::npos) e = pem.size();
-    std::string line = pem.substr(i, e - i);
-    if (line.rfind("-----", 0) != 0) body += line;
-    i = e + 1;
-  }
-  auto v = encoding::base64_decode(body);
-  return v ? *v : hsm::Bytes{};
-}
-
 KeyError unique_violation(const std::string& field, const std::string& value) {
   return conflict("UNIQUE violation detected on '{" + field + "=\"" + value + "\"}'", "unique_" + field);
 }
