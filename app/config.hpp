@@ -49,7 +49,7 @@ struct Config {
     bool fail_closed = true;
     uint64_t max_bytes = 104857600;
   } audit;
-  size_t http_threads = 40;
+  size_t http_threads = 0;  // listen.threads; 0: one per CPU core (at least 2)
   keys::ByokOptions byok;  // byok: region, validation_interval, in_use_window, max_keys
   struct Cluster {  // several instances on one store: intent leases, heartbeats, the sweeper
     int64_t intent_lease_s = 60;

@@ -4,9 +4,11 @@
 
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <thread>
 
 #include "api/api_service.hpp"
 #include "audit/audit_log.hpp"
@@ -182,7 +184,10 @@ int run_server(const Config& config, const std::string& banner) {
   so.max_body_bytes = config.limits.max_body_bytes;
   so.max_header_bytes = config.limits.max_header_bytes;
   so.read_timeout_s = config.read_timeout_s;
-  so.threads = config.http_threads;
+  // One thread per core by default: SoftHSM work is CPU-bound and serialized per process, and
+  // measured on 2 cores, 40 threads served a third of what 2 did at c16 (docs/PERFORMANCE.md).
+  so.threads = config.http_threads ? config.http_threads
+                                   : std::max<size_t>(2, std::thread::hardware_concurrency());
   if (!config.tls.cert_file.empty()) {
     try {
       api::http::TlsOptions tls;

@@ -55,7 +55,7 @@ struct ServerOptions {
   size_t max_body_bytes = 1 << 20;
   size_t max_header_bytes = 16384;
   int read_timeout_s = 30;
-  size_t threads = 40;  // threads running the listener (and the blocking handlers), fixed at start
+  size_t threads = 2;  // threads running the listener (and the blocking handlers), fixed at start
 };
 
 class Server {
