@@ -20,7 +20,8 @@ import doc_examples  # noqa: E402  (the same doc runner as the keyring page's)
 import p11kms_testlib as tl  # noqa: E402
 
 DOC = os.path.join(tl.SOURCE_DIR, "docs", "api", "kong.md")
-EXPECTED = [[200], [201], [200], [201], [200], [200], [200], [201], [200], [400], [204, 404]]
+EXPECTED = [[200], [201], [200], [201], [200], [200], [200], [201], [200], [400], [204, 404],
+            [201], [200], [200]]
 
 
 @pytest.fixture(scope="module")
