@@ -321,7 +321,7 @@ int cmd_audit(const std::vector<std::string>& args) {
     pc.sessions = 1;
     hsm::SessionPool pool(std::move(pc));
     hsm::Token token(pool);
-    auto result = audit::verify_audit_files(files, token, *store);
+    auto result = audit::verify_audit_files(files, token, *store, config.audit.chain);
     if (result.intact) {
       std::cout << "intact: " << result.lines << " lines" << std::endl;
       return 0;

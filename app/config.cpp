@@ -2,6 +2,7 @@
 
 #include "common/time.hpp"
 
+#include <unistd.h>
 #include <openssl/crypto.h>
 #include <yaml-cpp/yaml.h>
 
@@ -35,7 +36,7 @@ const std::map<std::string, std::set<std::string>>& known_keys() {
       {"store", {"driver", "path", "dsn", "password_file"}},
       {"auth", {"tokens"}},
       {"auth.tokens[]", {"name", "token_sha256", "policies", "namespaces", "expires", "cert_sha256"}},
-      {"audit", {"path", "fail_closed", "max_bytes"}},
+      {"audit", {"path", "chain", "fail_closed", "max_bytes"}},
       {"byok", {"region", "validation_interval", "in_use_window", "max_keys"}},
       {"cluster", {"intent_lease", "heartbeat", "sweep_interval"}},
       {"keyring", {"strategy", "recipient_public_key_file", "vault"}},
@@ -311,6 +312,19 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
     std::string path = str(a["path"], "audit.path");
     if (path.empty()) fail("audit.path", "must not be empty");
     c.audit.path = absolute(path, base_dir);
+    // Each instance appends to its own file, so each has its own chain and head in the shared
+    // store: by default named after the host and the file, the same for `audit verify` run
+    // there with this config.
+    if (a["chain"]) {
+      c.audit.chain = str(a["chain"], "audit.chain");
+      bool ok = !c.audit.chain.empty() && c.audit.chain.size() <= 256;
+      for (char ch : c.audit.chain) ok = ok && ch > ' ' && ch != 0x7f;
+      if (!ok) fail("audit.chain", "must be 1 to 256 printable characters without spaces");
+    } else {
+      char host[256] = {};
+      if (::gethostname(host, sizeof host - 1) != 0) host[0] = 0;
+      c.audit.chain = std::string(host[0] ? host : "localhost") + ":" + c.audit.path;
+    }
     if (a["fail_closed"]) {
       std::string v = str(a["fail_closed"], "audit.fail_closed");
       if (v != "true" && v != "false") fail("audit.fail_closed", "must be true or false");

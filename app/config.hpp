@@ -46,6 +46,7 @@ struct Config {
   int read_timeout_s = 30;
   struct Audit {
     std::string path;  // absolute after loading; empty = no audit log
+    std::string chain;  // audit.chain; default "<hostname>:<path>": one chain head per instance
     bool fail_closed = true;
     uint64_t max_bytes = 104857600;
   } audit;

@@ -171,7 +171,7 @@ int run_server(const Config& config, const std::string& banner) {
   if (!config.audit.path.empty()) {
     try {
       audit_log = std::make_unique<audit::AuditLog>(
-          audit::AuditOptions{config.audit.path, config.audit.fail_closed, config.audit.max_bytes}, token, *store);
+          audit::AuditOptions{config.audit.path, config.audit.chain, config.audit.fail_closed, config.audit.max_bytes}, token, *store);
     } catch (const std::exception& e) {
       std::cerr << "p11kms: cannot start: audit log: " << e.what() << std::endl;
       return 1;

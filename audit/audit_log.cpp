@@ -27,16 +27,24 @@ using ordered = nlohmann::ordered_json;
 
 constexpr const char* kKeySetting = "audit.key_id";
 // The chain head, one setting "seq sha256hex mac" so it costs one store write per line.
-constexpr const char* kHeadSetting = "audit.head";
+constexpr const char* kLegacyHeadSetting = "audit.head";
+
+std::string head_setting(const std::string& chain) {
+  return chain.empty() ? kLegacyHeadSetting : std::string(kLegacyHeadSetting) + "/" + chain;
+}
 
 struct Head {
   uint64_t seq = 0;
   std::string sha256, mac;
 };
 
-Head read_head(store::MetadataStore& store) {
+// A chain without a head of its own yet continues the single head of earlier releases, so an
+// upgraded instance's file still verifies as one chain.
+Head read_head(store::MetadataStore& store, const std::string& chain) {
   Head h;
-  if (auto v = store.get_setting(kHeadSetting)) {
+  auto v = store.get_setting(head_setting(chain));
+  if (!v && !chain.empty()) v = store.get_setting(kLegacyHeadSetting);
+  if (v) {
     auto a = v->find(' '), b = v->rfind(' ');
     if (a != std::string::npos && b != a) {
       h.seq = std::stoull(v->substr(0, a));
@@ -88,7 +96,7 @@ hsm::ObjectId audit_key(hsm::Token& token, store::MetadataStore& store, bool cre
 AuditLog::AuditLog(AuditOptions options, hsm::Token& token, store::MetadataStore& store)
     : options_(std::move(options)), token_(token), store_(store) {
   key_ = audit_key(token_, store_, true);
-  Head head = read_head(store_);
+  Head head = read_head(store_, options_.chain);
   seq_ = head.seq;
   prev_ = head.sha256;
   open_file();
@@ -202,7 +210,7 @@ void AuditLog::write(const AuditRecord& record) {
   healthy_ = true;
   std::string hash = sha256_hex(line);
   std::string mac = line.substr(line.size() - 66, 64);
-  store_.put_setting(kHeadSetting, std::to_string(seq) + " " + hash + " " + mac);
+  store_.put_setting(head_setting(options_.chain), std::to_string(seq) + " " + hash + " " + mac);
   seq_ = seq;
   prev_ = hash;
 }
@@ -222,7 +230,7 @@ std::string where(const Line& l) { return l.file + ":" + std::to_string(l.lineno
 }  // namespace
 
 VerifyResult verify_audit_files(const std::vector<std::string>& files, hsm::Token& token,
-                                store::MetadataStore& store) {
+                                store::MetadataStore& store, const std::string& chain) {
   VerifyResult result;
   auto fail = [&](const std::string& problem) {
     result.intact = false;
@@ -279,7 +287,7 @@ VerifyResult verify_audit_files(const std::vector<std::string>& files, hsm::Toke
   }
   if (!per_file.empty() && per_file.front().front().seq == 1 && !per_file.front().front().prev.empty())
     return fail(where(per_file.front().front()) + ": the first line of the chain names a previous line");
-  Head head = read_head(store);
+  Head head = read_head(store, chain);
   if (per_file.empty()) {
     if (head.seq > 0) return fail("the files hold no audit lines but the store's chain head is seq " + std::to_string(head.seq));
     return result;

@@ -17,6 +17,10 @@ namespace p11kms::audit {
 
 struct AuditOptions {
   std::string path;
+  // The chain this log continues: each chain has its own head in the store ("audit.head/<chain>"),
+  // so several instances sharing one store keep separate, verifiable chains. Empty: the
+  // single head of earlier releases ("audit.head").
+  std::string chain;
   bool fail_closed = true;
   uint64_t max_bytes = 100ull * 1024 * 1024;  // rotate to path.1, path.2, ... above this
 };
@@ -62,8 +66,9 @@ struct VerifyResult {
   std::string problem;  // "FILE:LINE: what is wrong" or a tail message
   uint64_t lines = 0;
 };
+// chain: as in AuditOptions, the chain whose head the files must end at.
 VerifyResult verify_audit_files(const std::vector<std::string>& files, hsm::Token& token,
-                                store::MetadataStore& store);
+                                store::MetadataStore& store, const std::string& chain = "");
 
 // hex(HMAC-SHA256) in the token, as written for secret fields and line MACs.
 std::string audit_hmac_hex(hsm::Token& token, const hsm::ObjectId& key, const std::string& data);

@@ -86,7 +86,7 @@ struct Fixture {
   api::ApiService service{keys, access, api::ApiLimits{}, "fuzz"};
   // The audit log as the server runs it (HMACs of every secret field in the token), written
   // to /dev/null: the work per request without a file growing at thousands of lines a second.
-  audit::AuditLog audit_log{audit::AuditOptions{"/dev/null", true}, hsm, *store};
+  audit::AuditLog audit_log{audit::AuditOptions{"/dev/null", "", true}, hsm, *store};
   std::string ct1, ct2, cta;
 
   Fixture() {

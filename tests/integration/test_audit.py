@@ -168,6 +168,41 @@ def test_rotation_keeps_one_chain_verified_in_any_order():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_two_instances_on_one_store_keep_separate_verified_chains():
+    """Several instances share one store (here one SQLite file and one token); each writes its
+    own audit file, and each file's chain ends at its own head in the store."""
+    root = tempfile.mkdtemp(prefix="p11kms-audit-two-")
+    secret = "tok-" + os.urandom(8).hex()
+    a, cfg_a, token = start(root, "audit:\n  path: a.log\n", secret)
+    port_b = cs.free_port()
+    with open(cfg_a) as f:
+        text = f.read()
+    cfg_b = os.path.join(root, "b.yaml")
+    with open(cfg_b, "w") as f:
+        f.write(re.sub(r"address: 127\.0\.0\.1:\d+", "address: 127.0.0.1:%d" % port_b, text)
+                .replace("path: a.log", "path: b.log"))
+    b = cs.ConfiguredServer(cfg_b, token.env(), token=secret, port=port_b)
+    h = {"X-Vault-Token": secret}
+    try:
+        a.start()
+        b.start()
+        for i in range(12):  # interleaved: every write to the store's heads alternates
+            srv = a if i % 2 == 0 else b
+            assert srv.session.post(srv.url + "/v1/transit/random/4", json={}, headers=h).status_code == 200
+        a.stop()
+        b.stop()
+        for cfg, name in ((cfg_a, "a.log"), (cfg_b, "b.log")):
+            rc, out = verify(cfg, token.env(), os.path.join(root, name))
+            assert rc == 0 and "intact" in out, (name, out)
+        # Each chain is its own: a's file checked against b's head is not intact.
+        rc, out = verify(cfg_b, token.env(), os.path.join(root, "a.log"))
+        assert rc == 1, out
+    finally:
+        a.stop()
+        b.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_fail_closed_refuses_before_running_when_the_disk_is_full_and_recovers():
     root = tempfile.mkdtemp(prefix="p11kms-audit-full-")
     fs = os.path.join(root, "auditfs")

@@ -525,3 +525,15 @@ TEST(ParseConfig, KeyringVaultRefusalsNameTheField) {
   expect_config_error(head + "    address: https://v:8200\n    path: k\n    token_file: t\n    token: s.abc\n",
                       "keyring.vault.token");
 }
+
+// ---- audit: one chain (and head) per instance ----
+
+TEST(ParseConfig, AuditChainDefaultsToHostAndPathAndCanBeNamed) {
+  auto c = app::parse_config(kMinimal + "audit:\n  path: /var/log/p11kms/audit.log\n", kBase);
+  const std::string suffix = ":/var/log/p11kms/audit.log";
+  ASSERT_GT(c.audit.chain.size(), suffix.size());
+  EXPECT_EQ(c.audit.chain.substr(c.audit.chain.size() - suffix.size()), suffix);
+  c = app::parse_config(kMinimal + "audit:\n  path: /var/log/a.log\n  chain: host-a\n", kBase);
+  EXPECT_EQ(c.audit.chain, "host-a");
+  expect_config_error(kMinimal + "audit:\n  path: /a.log\n  chain: \"two words\"\n", "audit.chain");
+}
