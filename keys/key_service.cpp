@@ -170,6 +170,14 @@ void KeyService::begin_intent(const std::string& object_id, const std::string& l
   store_.add_intent(intent);
 }
 
+// A key's name is unique in its namespace across every dialect: not an alias, not a Kong key.
+void KeyService::require_name_not_elsewhere(const KeyRef& ref) {
+  if (alias_target(ref.ns, ref.name))
+    throw conflict("\"" + ref.name + "\" is already an alias of another key in this namespace", "name_in_use");
+  if (kong_name_taken(store_, ref.ns, ref.name))
+    throw conflict("\"" + ref.name + "\" is already the name of a key in /keys in this namespace", "name_in_use");
+}
+
 store::Intent KeyService::object_intent(const std::string& object_id, const std::string& label, bool doomed) const {
   store::Intent intent{object_id, label, now_seconds()};
   intent.owner = limits_.cluster.instance_id;
@@ -537,10 +545,7 @@ CreateResult KeyService::create_key(const KeyRef& ref, const KeySpec& spec) {
     std::lock_guard<std::mutex> lk(write_mu_);
     IntentScope intents(*this);
     if (auto existing = load(KeyRef{ref.ns, ref.name})) return CreateResult{existing->record(), false};
-    if (alias_target(ref.ns, ref.name))
-      throw conflict("\"" + ref.name + "\" is already an alias of another key in this namespace", "name_in_use");
-    if (kong_name_taken(store_, ref.ns, ref.name))
-      throw conflict("\"" + ref.name + "\" is already the name of a key in /keys in this namespace", "name_in_use");
+    require_name_not_elsewhere(ref);
     store::KeyRecord rec;
     rec.id = uuid::new_v4();
     rec.ns = ref.ns;
@@ -1366,10 +1371,7 @@ CreateResult KeyService::import_key(const KeyRef& ref, const KeySpec& spec, cons
     if (load(KeyRef{ref.ns, ref.name}))
       throw invalid("key \"" + ref.name + "\" already exists: the import path cannot be used with an existing key; "
                     "use import_version to add a version to an imported key", "key_exists");
-    if (alias_target(ref.ns, ref.name))
-      throw conflict("\"" + ref.name + "\" is already an alias of another key in this namespace", "name_in_use");
-    if (kong_name_taken(store_, ref.ns, ref.name))
-      throw conflict("\"" + ref.name + "\" is already the name of a key in /keys in this namespace", "name_in_use");
+    require_name_not_elsewhere(ref);
     store::KeyRecord rec;
     rec.id = uuid::new_v4();
     rec.ns = ref.ns;

@@ -326,6 +326,7 @@ class KeyService {
   hsm::SecureBytes unseal_material(const store::KeyRecord& key, const store::VersionRecord& v);
   std::shared_ptr<const Key> load_wrapping_key(const KeyRef& ref, KeyUse use);
   std::optional<std::string> alias_target(const std::string& ns, const std::string& alias);  // key id
+  void require_name_not_elsewhere(const KeyRef& ref);  // 409 name_in_use: an alias or a Kong key
   void drop_aliases_of(const std::string& ns, const std::string& key_id) noexcept;
   Wrapped wrap_with(const Key& key, const uint8_t* plaintext, size_t len, const std::vector<std::string>& aad);
   void invalidate(const KeyRef& ref);

@@ -595,19 +595,11 @@ class PostgresStore final : public MetadataStore {
     if (k.size() == 0) throw std::out_of_range("key '" + name + "' not found in namespace '" + ns + "'");
     int64_t key_id = k.int64(0, 0);
     const int64_t now = now_unix();
-    std::vector<Intent> intents;
     auto v = conn_.exec("read versions for delete",
                         "SELECT version, object_id, hmac_object_id FROM key_versions WHERE key_id = $1"
                         " AND (object_id IS NOT NULL OR hmac_object_id IS NOT NULL) ORDER BY version",
                         {p(key_id)});
-    for (int i = 0; i < v.size(); ++i) {
-      if (!v.is_null(i, 1)) intents.push_back(Intent{v.text(i, 1), version_label(ns, name, v.int32(i, 0)), now});
-      if (!v.is_null(i, 2)) intents.push_back(Intent{v.text(i, 2), version_label(ns, name, v.int32(i, 0)) + "/hmac", now});
-    }
-    for (Intent& intent : intents) {
-      intent.doomed = true;
-      insert_intent(intent);
-    }
+    std::vector<Intent> intents = doom_objects(v, ns, name, now);
     conn_.exec("clear versions for delete",
                "UPDATE key_versions SET object_id = NULL, sealed = NULL, hmac_object_id = NULL, hmac_sealed = NULL"
                " WHERE key_id = $1",
@@ -633,19 +625,11 @@ class PostgresStore final : public MetadataStore {
     if (k.size() == 0) throw std::out_of_range("key '" + name + "' not found in namespace '" + ns + "'");
     int64_t key_id = k.int64(0, 0);
     const int64_t now = now_unix();
-    std::vector<Intent> intents;
     auto v = conn_.exec("read versions for trim",
                         "SELECT version, object_id, hmac_object_id FROM key_versions WHERE key_id = $1 AND version < $2"
                         " AND (object_id IS NOT NULL OR hmac_object_id IS NOT NULL) ORDER BY version",
                         {p(key_id), p(min_available_version)});
-    for (int i = 0; i < v.size(); ++i) {
-      if (!v.is_null(i, 1)) intents.push_back(Intent{v.text(i, 1), version_label(ns, name, v.int32(i, 0)), now});
-      if (!v.is_null(i, 2)) intents.push_back(Intent{v.text(i, 2), version_label(ns, name, v.int32(i, 0)) + "/hmac", now});
-    }
-    for (Intent& intent : intents) {
-      intent.doomed = true;
-      insert_intent(intent);
-    }
+    std::vector<Intent> intents = doom_objects(v, ns, name, now);
     conn_.exec("trim versions", "DELETE FROM key_versions WHERE key_id = $1 AND version < $2",
                {p(key_id), p(min_available_version)});
     conn_.exec("record min available version",
@@ -1050,6 +1034,23 @@ class PostgresStore final : public MetadataStore {
   void check_version_id_unused(const std::string& id) {
     if (conn_.exec("check version id", "SELECT 1 FROM key_versions WHERE uuid = $1", {p(id)}).size() > 0)
       throw ConflictError("key version id " + id + " is already in use");
+  }
+
+  // Rows (version, object_id, hmac_object_id) of versions whose token objects go: a doomed
+  // intent for each, in the caller's transaction, so the objects are destroyed even if the
+  // process dies right after the metadata changes.
+  std::vector<Intent> doom_objects(const Rows& v, const std::string& ns, const std::string& name, int64_t now) {
+    std::vector<Intent> intents;
+    for (int i = 0; i < v.size(); ++i) {
+      std::string label = version_label(ns, name, v.int32(i, 0));
+      if (!v.is_null(i, 1)) intents.push_back(Intent{v.text(i, 1), label, now});
+      if (!v.is_null(i, 2)) intents.push_back(Intent{v.text(i, 2), label + "/hmac", now});
+    }
+    for (Intent& intent : intents) {
+      intent.doomed = true;
+      insert_intent(intent);
+    }
+    return intents;
   }
 
   void insert_intent(const Intent& intent) {

@@ -722,15 +722,7 @@ class SqliteStore final : public MetadataStore {
           " ORDER BY version",
           "read versions for delete");
       q.bind(1, *key_id);
-      while (q.step()) {
-        if (!q.is_null(1)) intents.push_back(Intent{q.text(1), version_label(ns, name, q.int32(0)), now});
-        if (!q.is_null(2))
-          intents.push_back(Intent{q.text(2), version_label(ns, name, q.int32(0)) + "/hmac", now});
-      }
-    }
-    for (Intent& intent : intents) {
-      intent.doomed = true;
-      insert_intent(intent);
+      intents = doom_objects(q, ns, name, now);
     }
     {
       // The tombstone keeps ids, numbers and dates; the material (objects, sealed blobs) goes.
@@ -785,15 +777,7 @@ class SqliteStore final : public MetadataStore {
           " ORDER BY version",
           "read versions for trim");
       q.bind(1, *key_id).bind(2, min_available_version);
-      while (q.step()) {
-        if (!q.is_null(1)) intents.push_back(Intent{q.text(1), version_label(ns, name, q.int32(0)), now});
-        if (!q.is_null(2))
-          intents.push_back(Intent{q.text(2), version_label(ns, name, q.int32(0)) + "/hmac", now});
-      }
-    }
-    for (Intent& intent : intents) {
-      intent.doomed = true;
-      insert_intent(intent);
+      intents = doom_objects(q, ns, name, now);
     }
     {
       Statement q = conn_.prepare("DELETE FROM key_versions WHERE key_id = ?1 AND version < ?2", "trim versions");
@@ -1303,6 +1287,23 @@ class SqliteStore final : public MetadataStore {
     Statement q = conn_.prepare("SELECT 1 FROM key_versions WHERE uuid = ?1", "check version id");
     q.bind(1, id);
     if (q.step()) throw ConflictError("key version id " + id + " is already in use");
+  }
+
+  // Rows (version, object_id, hmac_object_id) of versions whose token objects go: a doomed
+  // intent for each, in the caller's transaction, so the objects are destroyed even if the
+  // process dies right after the metadata changes.
+  std::vector<Intent> doom_objects(Statement& q, const std::string& ns, const std::string& name, int64_t now) {
+    std::vector<Intent> intents;
+    while (q.step()) {
+      std::string label = version_label(ns, name, q.int32(0));
+      if (!q.is_null(1)) intents.push_back(Intent{q.text(1), label, now});
+      if (!q.is_null(2)) intents.push_back(Intent{q.text(2), label + "/hmac", now});
+    }
+    for (Intent& intent : intents) {
+      intent.doomed = true;
+      insert_intent(intent);
+    }
+    return intents;
   }
 
   // Idempotent: an intent that already exists keeps its original label and time (the older

@@ -28,6 +28,7 @@
 #include <boost/beast/ssl/ssl_stream.hpp>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
@@ -82,6 +83,13 @@ std::string hex_lower(const unsigned char* p, size_t n) {
     out.push_back(digits[p[i] & 0xf]);
   }
   return out;
+}
+
+// Request and response bodies carry plaintext, key material and tokens: zeroed before their
+// memory is freed or reused.
+void wipe(std::string& s) {
+  if (!s.empty()) OPENSSL_cleanse(s.data(), s.size());
+  s.clear();
 }
 
 // SHA-256 over the DER of the verified peer certificate, lowercase hex; empty without one.
@@ -397,6 +405,12 @@ void Session<Stream>::serve(Request& r, bool close_after) {
     resp.status = 500;
     resp.body = "{\"errors\":[\"internal error\"]}";
   }
+  wipe(r.body);
+  for (auto& header : r.headers) wipe(header.second);  // tokens travel in headers
+  if (buffer_.size() == 0) {  // the raw request bytes, unless a pipelined request follows them
+    auto raw = buffer_.prepare(buffer_.capacity());
+    OPENSSL_cleanse(raw.data(), raw.size());
+  }
   auto res = std::make_shared<bhttp::response<bhttp::string_body>>();
   unsigned version = parser_->get().version() == 10 ? 10 : 11;
   res->version(version);
@@ -423,6 +437,7 @@ void Session<Stream>::write(std::shared_ptr<bhttp::response<bhttp::string_body>>
   bool unread_input = close_after && !parser_->is_done();
   tcp().expires_after(timeout());
   bhttp::async_write(stream_, *res, [self = this->shared_from_this(), res, close_after, unread_input](error_code ec, size_t) {
+    wipe(res->body());
     if (ec) {
       log::debug("http: reply to " + self->remote_ + " not delivered: " + ec.message());
       return self->close();
