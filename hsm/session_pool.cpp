@@ -8,6 +8,11 @@ namespace p11kms::hsm {
 namespace {
 constexpr std::chrono::milliseconds kMinBackoff{100};
 constexpr std::chrono::milliseconds kMaxBackoff{5000};
+// How long refresh_view() waits for the leases in flight to come back before giving up.
+constexpr std::chrono::milliseconds kDrainTimeout{3000};
+// Leases held by this thread (of any pool): a thread that already holds one is never made to
+// wait for a refresh, which waits for it (a nested lease, e.g. unsealing inside an operation).
+thread_local int held_leases = 0;
 }  // namespace
 
 SessionPool::SessionPool(PoolConfig config) : config_(std::move(config)) {
@@ -89,6 +94,10 @@ std::shared_ptr<const Capabilities> SessionPool::capabilities() const {
 SessionPool::Lease SessionPool::lease() {
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
+    if (refreshing_ && held_leases == 0) {
+      cv_.wait(lk, [&] { return !refreshing_; });
+      continue;
+    }
     if (!connected_) {
       if (!reconnecting_ && in_use_ == 0 && std::chrono::steady_clock::now() >= next_attempt_) {
         try_reconnect(lk);
@@ -101,6 +110,7 @@ SessionPool::Lease SessionPool::lease() {
       CK_SESSION_HANDLE s = free_.back();
       free_.pop_back();
       ++in_use_;
+      ++held_leases;
       return Lease(this, s, generation_);
     }
     cv_.wait(lk, [&] { return !connected_ || !free_.empty(); });
@@ -135,6 +145,7 @@ void SessionPool::try_reconnect(std::unique_lock<std::mutex>& lk) {
 }
 
 void SessionPool::release(CK_SESSION_HANDLE s, uint64_t gen, bool broken, bool discard) {
+  --held_leases;
   if (discard && !broken) {
     // Open the replacement before closing the old one: closing a process's last session
     // would log it out.
@@ -163,6 +174,56 @@ void SessionPool::release(CK_SESSION_HANDLE s, uint64_t gen, bool broken, bool d
   if (connected_ && gen == generation_ && !broken) free_.push_back(s);
   cv_.notify_all();
 }
+
+void SessionPool::refresh_view(Lease& lease) {
+  std::unique_lock<std::mutex> lk(mu_);
+  const uint64_t seen = lease.generation_;
+  // Park the lease: its session is given back to no one, since a re-open invalidates it.
+  --in_use_;
+  --held_leases;
+  if (connected_ && generation_ == seen) {
+    if (!refreshing_) {
+      refreshing_ = true;
+      bool drained = cv_.wait_for(lk, kDrainTimeout, [&] { return in_use_ == 0 || !connected_; });
+      if (drained && connected_ && generation_ == seen) {
+        log::info("hsm: re-opening the module to see objects other processes made on token '" +
+                  config_.token_label + "'");
+        connected_ = false;
+        free_.clear();
+        try_reconnect(lk);  // on failure the pool is disconnected, as after a lost connection
+      } else if (!drained) {
+        log::warn("hsm: token view not refreshed: operations still in flight after " +
+                  std::to_string(kDrainTimeout.count()) + " ms");
+      }
+      refreshing_ = false;
+      cv_.notify_all();
+    } else {
+      cv_.wait_for(lk, kDrainTimeout * 2, [&] { return !refreshing_; });
+    }
+  }
+  // Take a session again: the old one if nothing was re-opened, else a new one.
+  for (;;) {
+    if (generation_ == seen && connected_) break;
+    if (!connected_) {
+      lease.pool_ = nullptr;  // nothing to give back
+      throw TokenUnavailable("HSM token '" + config_.token_label + "' is unavailable (" + last_error_ +
+                             "); reconnecting");
+    }
+    if (!free_.empty()) {
+      lease.session_ = free_.back();
+      free_.pop_back();
+      lease.generation_ = generation_;
+      lease.broken_ = false;
+      lease.discard_ = false;
+      break;
+    }
+    cv_.wait(lk, [&] { return !connected_ || !free_.empty() || generation_ == seen; });
+  }
+  ++in_use_;
+  ++held_leases;
+}
+
+void SessionPool::Lease::refresh_view() { pool_->refresh_view(*this); }
 
 void SessionPool::mark_broken(uint64_t gen, const std::string& why) {
   std::lock_guard<std::mutex> lk(mu_);

@@ -65,6 +65,14 @@ class SessionPool {
     // The session may hold an operation the module left active (a call failed after its
     // C_*Init): it is closed and replaced on release instead of being reused.
     void discard() { discard_ = true; }
+    // Re-opens the module so that it shows the token as it is now, then moves this lease to a
+    // new session; every handle taken before is invalid afterwards. For an object another
+    // process made that this one cannot find: SoftHSM 2.6.1 re-reads its token directory only
+    // when the token's generation counter moved since it last looked, and a process that
+    // commits an object of its own absorbs another's bump, so it may never see that object
+    // until C_Initialize. Waits (bounded) for the other leases to come back; if they do not,
+    // or another caller re-opened it meanwhile, returns with the view that is there.
+    void refresh_view();
 
    private:
     friend class SessionPool;
@@ -99,6 +107,7 @@ class SessionPool {
   void release(CK_SESSION_HANDLE s, uint64_t gen, bool broken, bool discard);
   void mark_broken(uint64_t gen, const std::string& why);
   void try_reconnect(std::unique_lock<std::mutex>& lk);
+  void refresh_view(Lease& lease);
 
   PoolConfig config_;
   std::unique_ptr<Module> module_;
@@ -113,6 +122,7 @@ class SessionPool {
   size_t in_use_ = 0;
   bool connected_ = false;
   bool reconnecting_ = false;
+  bool refreshing_ = false;  // refresh_view(): new leases wait, the refresher drains the rest
   uint64_t generation_ = 0;
   std::string last_error_;
   std::chrono::steady_clock::time_point next_attempt_{};

@@ -195,10 +195,37 @@ std::optional<CK_OBJECT_HANDLE> Token::find(SessionPool::Lease& l, const ObjectI
 }
 
 CK_OBJECT_HANDLE Token::handle(SessionPool::Lease& l, const ObjectId& id) {
-  auto h = find(l, id);
-  if (!h) l.require_token_present();  // a vanished token loses every object: that is an outage
+  auto h = find_or_refresh(l, id);
   if (!h) throw ObjectMissing("token object " + encoding::hex_encode(id) + " is missing from the token");
   return *h;
+}
+
+// Objects are only looked up by ids the store holds, so a miss means another process made the
+// object after this one last read the token, or it is really gone. The first is only cured by
+// re-opening the module (SessionPool::Lease::refresh_view); an id still missing afterwards is
+// remembered for a while, so a key whose object is really gone does not re-open the module on
+// every request.
+constexpr auto kConfirmedMissingFor = std::chrono::seconds(60);
+constexpr size_t kMaxConfirmedMissing = 1024;
+
+std::optional<CK_OBJECT_HANDLE> Token::find_or_refresh(SessionPool::Lease& l, const ObjectId& id) {
+  auto h = find(l, id);
+  if (h) return h;
+  l.require_token_present();  // a vanished token loses every object: that is an outage
+  const auto now = std::chrono::steady_clock::now();
+  {
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    auto it = confirmed_missing_.find(cache_key(id));
+    if (it != confirmed_missing_.end() && now - it->second < kConfirmedMissingFor) return std::nullopt;
+  }
+  l.refresh_view();
+  h = find(l, id);
+  if (h) return h;
+  l.require_token_present();
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  if (confirmed_missing_.size() >= kMaxConfirmedMissing) confirmed_missing_.clear();
+  confirmed_missing_[cache_key(id)] = now;
+  return std::nullopt;
 }
 
 void Token::forget(const ObjectId& id) {
@@ -362,13 +389,24 @@ SecureBytes Token::aes_ecb_encrypt(const KeyHandle& key, const uint8_t* blocks, 
   return out;
 }
 
-bool Token::destroy(const ObjectId& id) {
+bool Token::destroy(const ObjectId& id) { return destroy(id, true); }
+bool Token::destroy_own(const ObjectId& id) { return destroy(id, false); }
+
+bool Token::destroy(const ObjectId& id, bool maybe_foreign) {
   auto l = pool_.lease();
   forget(id);
   AttributeTemplate t;
   t.set_bytes(CKA_ID, id);
+  auto handles = find_all(l, t);
+  if (handles.empty() && maybe_foreign) {
+    // Possibly made by another process after this one last read the token: re-read it rather
+    // than leave the object behind as an orphan.
+    if (!find_or_refresh(l, id)) return false;
+    forget(id);
+    handles = find_all(l, t);
+  }
   bool destroyed = false;
-  for (CK_OBJECT_HANDLE h : find_all(l, t)) {
+  for (CK_OBJECT_HANDLE h : handles) {
     CK_RV rv = l.fn()->C_DestroyObject(l.session(), h);
     if (rv == CKR_OBJECT_HANDLE_INVALID) continue;
     l.check(rv, "C_DestroyObject");
@@ -380,9 +418,7 @@ bool Token::destroy(const ObjectId& id) {
 bool Token::exists(const ObjectId& id) {
   auto l = pool_.lease();
   forget(id);
-  if (find(l, id)) return true;
-  l.require_token_present();  // "missing" is only reported about a token that is there
-  return false;
+  return find_or_refresh(l, id).has_value();  // "missing" only about a token that is there
 }
 
 std::vector<ObjectInfo> Token::list_key_objects() {

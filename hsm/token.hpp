@@ -3,6 +3,7 @@
 // so a lookup per operation would not scale).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -199,8 +200,13 @@ class Token {
   // destroying them (e.g. every object of a trimmed or deleted version).
   void drop_session_objects(const ObjectId& prefix);
 
-  // Destroys the object with this CKA_ID if present; returns whether one was destroyed.
+  // Destroys the object with this CKA_ID if present; returns whether one was destroyed. An
+  // object not found is looked for again after re-reading the token (another process may have
+  // made it), so none is left behind.
   bool destroy(const ObjectId& id);
+  // The same for an object this process made or tried to make (a failed or lost create): it
+  // would see its own object, so a miss is final and never re-reads the token.
+  bool destroy_own(const ObjectId& id);
   bool exists(const ObjectId& id);
 
   // Every secret and private key object, with id and label (one C_FindObjects pass).
@@ -215,6 +221,10 @@ class Token {
   void generate_secret(CK_MECHANISM_TYPE mechanism, class AttributeTemplate& t, const ObjectId& id);
   std::optional<CK_OBJECT_HANDLE> find(SessionPool::Lease& lease, const ObjectId& id);
   CK_OBJECT_HANDLE handle(SessionPool::Lease& lease, const ObjectId& id);  // throws ObjectMissing
+  // find(), and on a miss once more after re-reading the token; nullopt only for a token that
+  // is there (else TokenUnavailable). May move the lease to a new session.
+  std::optional<CK_OBJECT_HANDLE> find_or_refresh(SessionPool::Lease& lease, const ObjectId& id);
+  bool destroy(const ObjectId& id, bool maybe_foreign);
   CK_OBJECT_HANDLE resolve(SessionPool::Lease& lease, const KeyHandle& key);
   // Starts an operation (init(handle) calls C_SignInit, C_EncryptInit, ...) on the key's
   // object; a handle gone stale (the object re-made by another process, or its session object
@@ -234,6 +244,8 @@ class Token {
   std::unordered_map<std::string, CK_OBJECT_HANDLE> cache_;
   std::mutex load_mu_;  // one creator per session object
   std::unordered_map<std::string, CK_OBJECT_HANDLE> session_cache_;  // KeyHandle::load objects
+  // Ids still missing after a refresh, and when (guarded by cache_mu_).
+  std::unordered_map<std::string, std::chrono::steady_clock::time_point> confirmed_missing_;
 };
 
 }  // namespace p11kms::hsm

@@ -180,7 +180,7 @@ const hsm::SecureBytes& ByokRegistry::page_key() {
       // one are accepted by the others; a loser's key is destroyed.
       std::string stored = store_.put_setting_if_absent(kPageKeySetting, encoding::hex_encode(id));
       if (stored != encoding::hex_encode(id)) {
-        token_.destroy(id);
+        token_.destroy_own(id);
         auto theirs = encoding::hex_decode(stored);
         if (!theirs) throw KeyError(ErrorKind::internal, "internal", "corrupt byok page key id in the store");
         id = *theirs;

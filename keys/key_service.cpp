@@ -276,13 +276,13 @@ store::VersionRecord KeyService::create_version_object(const Key& key, int versi
   try {
     bool retry = false;
     with_generation_retries([&] {
-      if (retry) token_.destroy(id);  // whatever a failed attempt may have left of it
+      if (retry) token_.destroy_own(id);  // whatever a failed attempt may have left of it
       retry = true;
       make_version_object(key, id, label, material, v);
     });
   } catch (...) {
     try {
-      token_.destroy(id);
+      token_.destroy_own(id);
       store_.remove_intent(v.object_id);
     } catch (...) {
       // The intent stays; the sweeper removes the object later.
@@ -426,7 +426,7 @@ void KeyService::ensure_hmac_key(const KeyRef& ref, int version) {
       if (!store_.set_version_hmac(ref.ns, ref.name, version, hex, "")) throw std::runtime_error("lost a race");
     } catch (...) {
       try {
-        token_.destroy(id);
+        token_.destroy_own(id);
         store_.remove_intent(hex);
       } catch (...) {
         // The intent stays; the sweeper removes the object later.
@@ -463,7 +463,7 @@ hsm::KeyHandle KeyService::hmac_handle(const KeyRef& ref, std::shared_ptr<const 
 void KeyService::discard_version(const store::VersionRecord& v) noexcept {
   if (v.object_id.empty()) return;
   try {
-    token_.destroy(*encoding::hex_decode(v.object_id));
+    token_.destroy_own(*encoding::hex_decode(v.object_id));
     store_.remove_intent(v.object_id);
   } catch (...) {
     // The intent stays; the sweeper removes the object later.
@@ -1281,7 +1281,7 @@ const hsm::ObjectId& KeyService::wrapping_key() {
     auto spki = token_.generate_wrapping_key_pair(id, "p11kms-system/transit-wrapping-key", 4096);
     std::string mine = encoding::hex_encode(id) + "\n" + public_key_pem(spki);
     value = store_.put_setting_if_absent(setting, mine);
-    if (*value != mine) token_.destroy(id);
+    if (*value != mine) token_.destroy_own(id);
     else log::info("keys: created the RSA-4096 wrapping key for transit imports");
   }
   auto id = encoding::hex_decode(value->substr(0, value->find('\n')));
@@ -1336,7 +1336,7 @@ store::VersionRecord KeyService::import_version_object(const Key& key, int versi
     }
   } catch (...) {
     try {
-      token_.destroy(id);
+      token_.destroy_own(id);
       store_.remove_intent(v.object_id);
     } catch (...) {
       // The intent stays; the sweeper removes the object later.

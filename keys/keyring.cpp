@@ -449,7 +449,7 @@ Keyring::InitResult Keyring::import_import_key(const hsm::SecretString& pem, boo
       store_.put_setting(kImportKeySetting, value);
       if (auto old = encoding::hex_decode(existing->substr(0, existing->find('\n')))) token_.destroy(*old);
     } else if (store_.put_setting_if_absent(kImportKeySetting, value) != value) {
-      token_.destroy(id);
+      token_.destroy_own(id);
       throw conflict("another instance made a keyring import key at the same moment; nothing changed");
     }
     log::info("keyring: imported the keyring import key into the token");
@@ -469,7 +469,7 @@ Keyring::InitResult Keyring::init_import_key(bool force) {
       store_.put_setting(kImportKeySetting, value);
       if (auto old = encoding::hex_decode(existing->substr(0, existing->find('\n')))) token_.destroy(*old);
     } else if (store_.put_setting_if_absent(kImportKeySetting, value) != value) {
-      token_.destroy(id);  // another instance made one at the same moment: theirs wins
+      token_.destroy_own(id);  // another instance made one at the same moment: theirs wins
       auto theirs = *store_.get_setting(kImportKeySetting);
       return InitResult{theirs.substr(theirs.find('\n') + 1), false};
     }

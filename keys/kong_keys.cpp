@@ -362,7 +362,7 @@ KongKey KongKeys::store_key(const std::string& ns, const std::optional<KongKey>&
         store_.remove_intent(hex);
         throw invalid(e.what(), next.pem_form ? "invalid_pem.private_key" : "invalid_jwk");
       } catch (...) {
-        token_.destroy(oid);
+        token_.destroy_own(oid);
         store_.remove_intent(hex);
         throw;
       }
@@ -372,7 +372,7 @@ KongKey KongKeys::store_key(const std::string& ns, const std::optional<KongKey>&
         // intent whose object a sweep destroys, never a record without its object or the reverse.
         store_.put_setting_settling_intent(key_key(ns, next.id), dump(key_to_json(next)), hex);
       } catch (...) {
-        token_.destroy(oid);
+        token_.destroy_own(oid);
         store_.remove_intent(hex);
         throw;
       }

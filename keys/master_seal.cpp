@@ -118,7 +118,7 @@ const hsm::ObjectId& MasterSeal::key(const char* setting, bool create) {
   std::string mine = encoding::hex_encode(id);
   std::string stored = store_.put_setting_if_absent(setting, mine);
   if (stored != mine) {
-    token_.destroy(id);
+    token_.destroy_own(id);
     auto theirs = encoding::hex_decode(stored);
     if (!theirs || theirs->empty())
       throw KeyError(ErrorKind::internal, "internal", std::string("corrupt ") + setting + " in the store");
