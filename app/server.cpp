@@ -171,7 +171,9 @@ int run_server(const Config& config, const std::string& banner) {
   if (!config.audit.path.empty()) {
     try {
       audit_log = std::make_unique<audit::AuditLog>(
-          audit::AuditOptions{config.audit.path, config.audit.chain, config.audit.fail_closed, config.audit.max_bytes}, token, *store);
+          audit::AuditOptions{config.audit.path, config.audit.chain, config.audit.fail_closed, config.audit.max_bytes,
+                              keys.instance_id(), 3 * static_cast<int64_t>(config.cluster.heartbeat_s)},
+          token, *store);
     } catch (const std::exception& e) {
       std::cerr << "p11kms: cannot start: audit log: " << e.what() << std::endl;
       return 1;
@@ -217,9 +219,10 @@ int run_server(const Config& config, const std::string& banner) {
   // BYOK: every P11kmsKey is validated in the token each byok.validation_interval.
   keys::ByokValidationWorker byok_validation(byok, *store, std::chrono::seconds(config.byok.validation_interval_s));
   // Scale-out: heartbeats (which renew the leases of intents in flight) and the sweeper.
-  auto heartbeat = std::make_unique<keys::PeriodicJob>(std::chrono::seconds(config.cluster.heartbeat_s), [&keys] {
+  auto heartbeat = std::make_unique<keys::PeriodicJob>(std::chrono::seconds(config.cluster.heartbeat_s), [&keys, &audit_log] {
     try {
       keys.heartbeat();
+      if (audit_log) audit_log->renew_chain();
     } catch (const std::exception& e) {
       log::warn(std::string("heartbeat: ") + e.what());
     }

@@ -14,11 +14,13 @@
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
 #include "common/encoding.hpp"
 #include "common/log.hpp"
+#include "common/time.hpp"
 
 namespace p11kms::audit {
 namespace {
@@ -96,6 +98,7 @@ hsm::ObjectId audit_key(hsm::Token& token, store::MetadataStore& store, bool cre
 AuditLog::AuditLog(AuditOptions options, hsm::Token& token, store::MetadataStore& store)
     : options_(std::move(options)), token_(token), store_(store) {
   key_ = audit_key(token_, store_, true);
+  claim_chain();  // before reading the head: the previous writer's last line comes first
   Head head = read_head(store_, options_.chain);
   seq_ = head.seq;
   prev_ = head.sha256;
@@ -104,6 +107,52 @@ AuditLog::AuditLog(AuditOptions options, hsm::Token& token, store::MetadataStore
 
 AuditLog::~AuditLog() {
   if (fd_ >= 0) ::close(fd_);
+  if (options_.lease_s > 0 && holds_chain_) {
+    try {
+      // Held until now: the next writer of the chain (this instance restarted) need not wait.
+      store_.take_lease(lease_name(), options_.holder, timefmt::now_unix(), 0);
+    } catch (const std::exception&) {
+      // The store is away: the lease runs out by itself.
+    }
+  }
+}
+
+std::string AuditLog::lease_name() const {
+  return "audit.chain/" + (options_.chain.empty() ? std::string("default") : options_.chain);
+}
+
+void AuditLog::claim_chain() {
+  if (options_.lease_s <= 0) return;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(options_.lease_s + 1);
+  bool waiting = false;
+  while (!store_.take_lease(lease_name(), options_.holder, timefmt::now_unix(), options_.lease_s)) {
+    if (std::chrono::steady_clock::now() >= deadline)
+      throw std::runtime_error("audit chain '" + options_.chain +
+                               "' is being written by another running instance (its lease in the store is still "
+                               "renewed); give each instance its own audit.chain or audit.path");
+    if (!waiting)
+      log::info("audit: waiting up to " + std::to_string(options_.lease_s) + " s for the previous writer of chain '" +
+                options_.chain + "' to let it go");
+    waiting = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+}
+
+void AuditLog::renew_chain() {
+  if (options_.lease_s <= 0) return;
+  bool held = store_.take_lease(lease_name(), options_.holder, timefmt::now_unix(), options_.lease_s);
+  std::lock_guard<std::mutex> lk(mu_);
+  if (held && !holds_chain_) {
+    Head head = read_head(store_, options_.chain);  // another writer may have moved it meanwhile
+    seq_ = head.seq;
+    prev_ = head.sha256;
+    log::warn("audit: chain '" + options_.chain + "' taken back; continuing after seq " + std::to_string(seq_));
+  } else if (!held && holds_chain_) {
+    log::error("audit: chain '" + options_.chain +
+               "' is now held by another instance; this one stops writing it (requests are refused while "
+               "audit.fail_closed)");
+  }
+  holds_chain_ = held;
 }
 
 void AuditLog::open_file() {
@@ -138,6 +187,7 @@ bool AuditLog::reserve_ahead() {
 
 bool AuditLog::ready() {
   std::lock_guard<std::mutex> lk(mu_);
+  if (!holds_chain_) return !options_.fail_closed;
   try {
     if (fd_ < 0) open_file();
     if (!healthy_ || reserved_until_ < size_ + 16 * 1024) healthy_ = reserve_ahead();
@@ -193,6 +243,7 @@ std::string AuditLog::format(const AuditRecord& r, uint64_t seq, const std::stri
 
 void AuditLog::write(const AuditRecord& record) {
   std::lock_guard<std::mutex> lk(mu_);
+  if (!holds_chain_) throw std::runtime_error("audit chain '" + options_.chain + "' is held by another instance");
   if (fd_ < 0) open_file();
   uint64_t seq = seq_ + 1;
   std::string line = format(record, seq, prev_, now_rfc3339());

@@ -23,6 +23,11 @@ struct AuditOptions {
   std::string chain;
   bool fail_closed = true;
   uint64_t max_bytes = 100ull * 1024 * 1024;  // rotate to path.1, path.2, ... above this
+  // The chain's writer role as a store lease ("audit.chain/<chain>"), so one instance at a time
+  // writes a chain (two would fork it) and another may continue it once the holder stops
+  // renewing. lease_s == 0: no lease (a single process, tests).
+  std::string holder;   // this instance's id
+  int64_t lease_s = 0;  // a holder that stops renewing loses the chain after this
 };
 
 // The token-resident audit key: created on first use, its CKA_ID kept in the store.
@@ -36,6 +41,10 @@ class AuditLog : public AuditSink {
 
   bool ready() override;
   void write(const AuditRecord& record) override;
+  // Renews this instance's lease on its chain (with the instance heartbeat). A lease lost (the
+  // store away for a whole lease period and another writer took over) stops the writing; one
+  // taken back continues from the store's head. Throws when the store cannot be reached.
+  void renew_chain();
   bool fail_closed() const override { return options_.fail_closed; }
 
   // The line as written (without newline), for tests of the format.
@@ -43,6 +52,8 @@ class AuditLog : public AuditSink {
 
  private:
   void open_file();
+  void claim_chain();  // at start: waits up to a lease period for a dead holder's lease to end
+  std::string lease_name() const;
   void rotate();
   bool reserve_ahead();  // mu_ held
 
@@ -56,6 +67,7 @@ class AuditLog : public AuditSink {
   bool regular_file_ = false;
   uint64_t reserved_until_ = 0;  // file offset up to which disk blocks are allocated
   bool healthy_ = true;          // false after a failed write or reservation
+  bool holds_chain_ = true;      // false while another instance holds the chain's lease
   uint64_t seq_ = 0;
   std::string prev_;  // hex SHA-256 of the last line written
 };

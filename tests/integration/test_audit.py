@@ -7,6 +7,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -201,6 +202,68 @@ def test_two_instances_on_one_store_keep_separate_verified_chains():
         a.stop()
         b.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_chain_has_one_writer_at_a_time_and_moves_on_when_it_dies():
+    """The writer of a chain holds a store lease renewed with the heartbeat: a second instance
+    configured with the same chain while the first runs refuses to start (two writers would fork
+    it); once the first is killed, the second waits for the lease to run out, continues the chain
+    from the store's head, and the two files verify as one chain."""
+    root = tempfile.mkdtemp(prefix="p11kms-audit-lease-")
+    secret = "tok-" + os.urandom(8).hex()
+    yaml = "audit:\n  path: a.log\n  chain: payments\ncluster:\n  heartbeat: 1\n  intent_lease: 3s\n"
+    a, cfg_a, token = start(root, yaml, secret)
+    port_b = cs.free_port()
+    with open(cfg_a) as f:
+        text = f.read()
+    cfg_b = os.path.join(root, "b.yaml")
+    with open(cfg_b, "w") as f:
+        f.write(re.sub(r"address: 127\.0\.0\.1:\d+", "address: 127.0.0.1:%d" % port_b, text)
+                .replace("path: a.log", "path: b.log"))
+    b = cs.ConfiguredServer(cfg_b, token.env(), token=secret, port=port_b, log_path=os.path.join(root, "b.out"))
+    h = {"X-Vault-Token": secret}
+    try:
+        a.start()
+        for _ in range(4):
+            assert a.session.post(a.url + "/v1/transit/random/4", json={}, headers=h).status_code == 200
+        # A second writer of "payments" while a renews its lease: refused, with the reason.
+        b.spawn()
+        assert b.proc.wait(30) != 0
+        out = open(b.log_path).read()
+        assert "audit chain 'payments' is being written by another running instance" in out, out[-2000:]
+        assert not os.path.exists(os.path.join(root, "b.log")) or os.path.getsize(os.path.join(root, "b.log")) == 0
+        b.proc = None
+        # a dies without letting go: b waits for the lease to run out, then takes the chain over.
+        os.kill(a.pid, signal.SIGKILL)
+        a.proc.wait(10)
+        a.proc = None
+        b.start()
+        assert "waiting up to 3 s for the previous writer of chain 'payments'" in b.log()
+        for _ in range(3):
+            assert b.session.post(b.url + "/v1/transit/random/4", json={}, headers=h).status_code == 200
+        b.stop()
+        a_lines, b_lines = lines_of(os.path.join(root, "a.log")), lines_of(os.path.join(root, "b.log"))
+        assert [l["seq"] for l in b_lines][0] == a_lines[-1]["seq"] + 1
+        assert b_lines[0]["prev"] == sha256_hex_of_last_line(os.path.join(root, "a.log"))
+        rc, out = verify(cfg_b, token.env(), os.path.join(root, "a.log"), os.path.join(root, "b.log"))
+        assert rc == 0 and "intact" in out, out
+        rc, out = verify(cfg_a, token.env(), os.path.join(root, "a.log"))
+        assert rc == 1, out  # the chain's head in the store moved on past a's last line
+        # A clean stop lets go at once: a restarts on the chain without waiting.
+        a.log_path = os.path.join(root, "a2.out")
+        a.start()
+        assert "waiting up to" not in a.log()
+    finally:
+        a.stop()
+        b.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def sha256_hex_of_last_line(path):
+    import hashlib
+    with open(path, "rb") as f:
+        last = f.read().splitlines()[-1]
+    return hashlib.sha256(last).hexdigest()
 
 
 def test_fail_closed_refuses_before_running_when_the_disk_is_full_and_recovers():
