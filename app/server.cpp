@@ -215,13 +215,20 @@ int run_server(const Config& config, const std::string& banner) {
 
   // Due rotations are found within a second in dev mode (short periods can be watched there),
   // within 30 s otherwise.
-  keys::RotationWorker rotation(keys, *store, config.source_file.empty() ? std::chrono::seconds(1) : std::chrono::seconds(30));
+  // Background jobs run on one instance at a time: each holds its job's lease under the
+  // instance id, renewed with the heartbeat, and loses it after three missed heartbeats.
+  const int64_t job_lease_s = 3 * static_cast<int64_t>(config.cluster.heartbeat_s);
+  keys::RotationWorker rotation(keys, *store, config.source_file.empty() ? std::chrono::seconds(1) : std::chrono::seconds(30),
+                                keys.instance_id(), job_lease_s);
   // BYOK: every P11kmsKey is validated in the token each byok.validation_interval.
-  keys::ByokValidationWorker byok_validation(byok, *store, std::chrono::seconds(config.byok.validation_interval_s));
+  keys::ByokValidationWorker byok_validation(byok, *store, std::chrono::seconds(config.byok.validation_interval_s),
+                                             keys.instance_id(), job_lease_s);
   // Scale-out: heartbeats (which renew the leases of intents in flight) and the sweeper.
-  auto heartbeat = std::make_unique<keys::PeriodicJob>(std::chrono::seconds(config.cluster.heartbeat_s), [&keys, &audit_log] {
+  auto heartbeat = std::make_unique<keys::PeriodicJob>(std::chrono::seconds(config.cluster.heartbeat_s), [&keys, &audit_log, &rotation, &byok_validation] {
     try {
       keys.heartbeat();
+      rotation.renew_lease();
+      byok_validation.renew_lease();
       if (audit_log) audit_log->renew_chain();
     } catch (const std::exception& e) {
       log::warn(std::string("heartbeat: ") + e.what());

@@ -84,20 +84,27 @@ class ByokRegistry {
 // sharing a store take turns through a lease (see RotationWorker).
 class ByokValidationWorker {
  public:
-  ByokValidationWorker(ByokRegistry& registry, store::MetadataStore& store, std::chrono::milliseconds interval)
-      : holder_(uuid::new_v4()), job_(interval, [this, &registry, &store, interval] {
-          int64_t now = timefmt::now_unix();
-          int64_t ttl = std::max<int64_t>(3, 3 * std::chrono::duration_cast<std::chrono::seconds>(interval).count());
+  static constexpr const char* kLease = "byok-validation";
+
+  // Like RotationWorker: one instance at a time, under a lease held by `holder` (the instance's
+  // id) for `lease_s`, renewed by each pass and by the heartbeat.
+  ByokValidationWorker(ByokRegistry& registry, store::MetadataStore& store, std::chrono::milliseconds interval,
+                       std::string holder, int64_t lease_s)
+      : store_(store), holder_(std::move(holder)), lease_s_(lease_s), job_(interval, [this, &registry] {
           try {
-            if (store.take_lease("byok-validation", holder_, now, ttl)) registry.validate_all();  // logs its failures
+            if (renew_lease()) registry.validate_all();  // logs its failures
           } catch (const std::exception&) {
             // The store is away: the next pass tries again.
           }
         }) {}
 
+  bool renew_lease() { return store_.take_lease(kLease, holder_, timefmt::now_unix(), lease_s_); }
+
  private:
+  store::MetadataStore& store_;
   std::string holder_;
-  PeriodicJob job_;  // last: its thread starts once holder_ exists
+  int64_t lease_s_;
+  PeriodicJob job_;  // last: its thread starts once the members it uses exist
 };
 
 }  // namespace p11kms::keys

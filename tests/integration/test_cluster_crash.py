@@ -12,6 +12,7 @@ SoftHSM token, with short cluster intervals (intent lease 3 s, heartbeat 1 s, sw
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -344,3 +345,41 @@ def test_postgres_stopped_and_restarted_under_load(env):
     rows = len(psql(env, "SELECT id FROM instances"))
     assert servers["a"].stop() == 0
     assert len(psql(env, "SELECT id FROM instances")) == rows - 1
+
+
+def lease_holder(env, job):
+    rows = psql(env, "SELECT value FROM settings WHERE name = 'lease/%s'" % job)
+    return rows[0][0].rsplit(" ", 1)[0] if rows else None
+
+
+def instance_id(srv):
+    """The instance id a server logged at start (its last start, if restarted)."""
+    found = re.findall(r"\(instance ([0-9a-f-]{36})\)", srv.log())
+    assert found, srv.log_tail()
+    return found[-1]
+
+
+def test_background_jobs_run_on_one_instance_and_move_when_it_dies(env):
+    """Auto-rotation and BYOK validation each run under one lease held by one live instance's
+    id, renewed with its heartbeat (1 s here, lease 3 s); killing the holder moves both to the
+    other instance, and the killed instance's restart does not take them back."""
+    servers = env["servers"]
+    for n, srv in list(servers.items()):
+        if not srv.alive():
+            restart(servers, n)
+    jobs = ("rotation", "byok-validation")
+    wait_for(lambda: all(lease_holder(env, j) for j in jobs), 10, "both job leases to be taken")
+    live = {r[0] for r in psql(env, "SELECT id FROM instances")}
+    holders = {j: lease_holder(env, j) for j in jobs}
+    assert all(h in live for h in holders.values()), (holders, live)
+    ids = {n: instance_id(srv) for n, srv in servers.items()}
+    victim = [n for n, i in ids.items() if i == holders["rotation"]][0]
+    survivor = "b" if victim == "a" else "a"
+    os.kill(servers[victim].pid, signal.SIGKILL)
+    servers[victim].proc.wait(10)
+    wait_for(lambda: all(lease_holder(env, j) == ids[survivor] for j in jobs), 10,
+             "the surviving instance to take over every job lease")
+    # Still one holder per job, and it stays with the survivor after the victim's restart.
+    restart(servers, victim)
+    time.sleep(3)
+    assert all(lease_holder(env, j) == ids[survivor] for j in jobs), {j: lease_holder(env, j) for j in jobs}

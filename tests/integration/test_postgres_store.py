@@ -118,6 +118,63 @@ def test_rotation_on_one_is_seen_by_the_next_request_on_the_other(cluster):
     assert old["data"]["ciphertext"].startswith("vault:v3:")
 
 
+def test_rotating_on_one_while_the_other_encrypts_and_wraps_at_once(cluster):
+    """Rotations of a transit key and of a KMS root key on a, while b encrypts, decrypts, wraps
+    and unwraps with them at the same moment: every answer is 200, every ciphertext and wrapped
+    key opens afterwards on either instance, and the versions b used only ever grow."""
+    import concurrent.futures
+    import threading
+    a, b = cluster["a"], cluster["b"]
+    name = unique_name("pgrotwhile")
+    ok(a.request("POST", "/v1/transit/keys/" + name, {}))
+    hdr = {"Authorization": "Bearer " + cluster["api_token"]}
+    body = {"metadata": {"collectionType": "application/vnd.ibm.kms.key+json", "collectionTotal": 1},
+            "resources": [{"type": "application/vnd.ibm.kms.key+json", "name": unique_name("pgrotkms")}]}
+    kms_id = ok(a.request("POST", "/kms/api/v2/keys", body, token=False, headers=hdr), 201)["resources"][0]["id"]
+    done = threading.Event()
+
+    def rotator():
+        answers = []
+        for _ in range(15):
+            answers.append(a.request("POST", "/v1/transit/keys/%s/rotate" % name).status_code)
+            answers.append(a.request("POST", "/kms/api/v2/keys/%s/actions/rotate" % kms_id, {}, token=False,
+                                     headers=hdr).status_code)
+        done.set()
+        return answers
+
+    def user():
+        made, versions = [], []
+        while not done.is_set():
+            pt = os.urandom(16)
+            r = b.request("POST", "/v1/transit/encrypt/" + name, {"plaintext": b64(pt)})
+            assert r.status_code == 200, describe(r)
+            ct = r.json()["data"]["ciphertext"]
+            versions.append(int(ct.split(":")[1][1:]))
+            r = b.request("POST", "/v1/transit/decrypt/" + name, {"ciphertext": ct})
+            assert r.status_code == 200 and r.json()["data"]["plaintext"] == b64(pt), describe(r)
+            w = b.request("POST", "/kms/api/v2/keys/%s/actions/wrap" % kms_id, {}, token=False, headers=hdr)
+            assert w.status_code == 200, describe(w)
+            made.append((ct, pt, w.json()["ciphertext"], w.json()["plaintext"]))
+        return made, versions
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        rot = pool.submit(rotator)
+        users = [pool.submit(user) for _ in range(2)]
+        assert all(s == 200 or s == 204 for s in rot.result()), rot.result()
+        results = [u.result() for u in users]
+    assert ok(a.request("GET", "/v1/transit/keys/" + name))["data"]["latest_version"] == 16
+    for made, versions in results:
+        assert made, "b served nothing while a rotated"
+        assert versions == sorted(versions), versions  # never an older version after a newer one
+        for i, (ct, pt, wrapped, dek) in enumerate(made):
+            srv = a if i % 2 else b
+            r = srv.request("POST", "/v1/transit/decrypt/" + name, {"ciphertext": ct})
+            assert r.status_code == 200 and r.json()["data"]["plaintext"] == b64(pt), describe(r)
+            u = srv.request("POST", "/kms/api/v2/keys/%s/actions/unwrap" % kms_id, {"ciphertext": wrapped},
+                            token=False, headers=hdr)
+            assert u.status_code == 200 and u.json()["plaintext"] == dek, describe(u)
+
+
 def test_disable_and_delete_on_one_bind_the_other(cluster):
     a, b = cluster["a"], cluster["b"]
     body = {"metadata": {"collectionType": "application/vnd.ibm.kms.key+json", "collectionTotal": 1},
