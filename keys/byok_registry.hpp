@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -17,6 +18,7 @@
 #include "hsm/secret.hpp"
 #include "hsm/token.hpp"
 #include "keys/key_service.hpp"
+#include "keys/job_lease.hpp"
 #include "keys/periodic_job.hpp"
 #include "common/time.hpp"
 #include "common/uuid.hpp"
@@ -84,27 +86,27 @@ class ByokRegistry {
 // sharing a store take turns through a lease (see RotationWorker).
 class ByokValidationWorker {
  public:
-  static constexpr const char* kLease = "byok-validation";
-
-  // Like RotationWorker: one instance at a time, under a lease held by `holder` (the instance's
-  // id) for `lease_s`, renewed by each pass and by the heartbeat.
+  // Like RotationWorker: one instance at a time, under the job lease "byok-validation".
   ByokValidationWorker(ByokRegistry& registry, store::MetadataStore& store, std::chrono::milliseconds interval,
                        std::string holder, int64_t lease_s)
-      : store_(store), holder_(std::move(holder)), lease_s_(lease_s), job_(interval, [this, &registry] {
+      : lease_(store, "byok-validation", std::move(holder), lease_s),
+        job_(std::make_unique<PeriodicJob>(interval, [this, &registry] {
           try {
-            if (renew_lease()) registry.validate_all();  // logs its failures
+            if (lease_.renew()) registry.validate_all();  // logs its failures
           } catch (const std::exception&) {
             // The store is away: the next pass tries again.
           }
-        }) {}
+        })) {}
+  ~ByokValidationWorker() {
+    job_.reset();
+    lease_.release();
+  }
 
-  bool renew_lease() { return store_.take_lease(kLease, holder_, timefmt::now_unix(), lease_s_); }
+  bool renew_lease() { return lease_.renew(); }
 
  private:
-  store::MetadataStore& store_;
-  std::string holder_;
-  int64_t lease_s_;
-  PeriodicJob job_;  // last: its thread starts once the members it uses exist
+  JobLease lease_;
+  std::unique_ptr<PeriodicJob> job_;  // last: its thread starts once the lease exists
 };
 
 }  // namespace p11kms::keys

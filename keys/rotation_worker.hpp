@@ -1,13 +1,13 @@
 // The background job that rotates keys whose rotation period has passed: one thread that calls
-// KeyService::rotate_due every `interval` until it is destroyed. Instances sharing a store take
-// turns through a store lease held under the instance's id: one instance runs it at a time, the
-// heartbeat renews it (renew_lease) so it outlives long intervals, and another instance takes
-// over once the holder has missed three heartbeats (`lease_s`).
+// KeyService::rotate_due every `interval` until it is destroyed, on one instance at a time
+// (keys/job_lease.hpp; the heartbeat also renews the lease, so it outlives long intervals).
 #pragma once
 
 #include <chrono>
+#include <memory>
 
 #include "common/time.hpp"
+#include "keys/job_lease.hpp"
 #include "keys/key_service.hpp"
 #include "keys/periodic_job.hpp"
 
@@ -15,29 +15,30 @@ namespace p11kms::keys {
 
 class RotationWorker {
  public:
-  static constexpr const char* kLease = "rotation";
-
   RotationWorker(KeyService& keys, store::MetadataStore& store, std::chrono::milliseconds interval,
                  std::string holder, int64_t lease_s)
-      : keys_(keys), store_(store), holder_(std::move(holder)), lease_s_(lease_s), job_(interval, [this] { pass(); }) {}
+      : keys_(keys), lease_(store, "rotation", std::move(holder), lease_s),
+        job_(std::make_unique<PeriodicJob>(interval, [this] { pass(); })) {}
+  ~RotationWorker() {
+    job_.reset();  // no pass runs (or re-takes the lease) once it is let go
+    lease_.release();
+  }
 
   // Takes or renews the lease (with the heartbeat); throws when the store is away.
-  bool renew_lease() { return store_.take_lease(kLease, holder_, timefmt::now_unix(), lease_s_); }
+  bool renew_lease() { return lease_.renew(); }
 
  private:
   void pass() {
     try {
-      if (renew_lease()) keys_.rotate_due(timefmt::now_unix());  // logs its own failures
+      if (lease_.renew()) keys_.rotate_due(timefmt::now_unix());  // logs its own failures
     } catch (const std::exception&) {
       // The store is away: the next pass tries again.
     }
   }
 
   KeyService& keys_;
-  store::MetadataStore& store_;
-  std::string holder_;  // this instance's id
-  int64_t lease_s_;
-  PeriodicJob job_;     // last: its thread starts once the members it uses exist
+  JobLease lease_;
+  std::unique_ptr<PeriodicJob> job_;  // last: its thread starts once the members it uses exist
 };
 
 }  // namespace p11kms::keys

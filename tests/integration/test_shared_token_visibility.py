@@ -14,19 +14,14 @@ Sweeps are set far apart so that no background listing re-reads the token in bet
 
 import base64
 import os
-import shutil
 import sys
-import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import p11kms_testlib as tl  # noqa: E402
 from p11kms_testlib import describe, unique_name  # noqa: E402
-import configured_server as cs  # noqa: E402
-from test_postgres_store import SOFTHSM_MODULE, Postgres  # noqa: E402
-from test_cluster_crash import psql, token_object_ids  # noqa: E402
+from test_cluster_crash import psql, token_object_ids, two_instances  # noqa: E402
 
 CLUSTER_YAML = "cluster:\n  intent_lease: 60s\n  heartbeat: 5\n  sweep_interval: 600s\n"
 REOPEN_LOG = "re-opening the module to see objects other processes made"
@@ -38,34 +33,7 @@ def b64(b):
 
 @pytest.fixture(scope="module")
 def env():
-    root = tempfile.mkdtemp(prefix="p11kms-visibility-it-")
-    os.chmod(root, 0o755)
-    pg = Postgres(root)
-    token = cs.SoftToken(root).init()
-    token.write_pin_file(os.path.join(root, "user.pin"))
-    api_token = tl.random_token()
-    servers = {}
-    state = {"servers": servers, "pg": pg, "token": token, "root": root}
-    try:
-        for name in ("a", "b"):
-            port = cs.free_port()
-            path = os.path.join(root, name + ".yaml")
-            with open(path, "w") as f:
-                f.write("listen:\n  address: 127.0.0.1:%d\n"
-                        "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n  sessions: 4\n"
-                        "store:\n  driver: postgres\n  dsn: \"%s\"\n  password_file: %s\n"
-                        "auth:\n  tokens:\n    - {name: admin, token_sha256: %s, policies: [root]}\n%s"
-                        % (port, SOFTHSM_MODULE, token.label, pg.dsn, pg.password_file, cs.token_hash(api_token),
-                           CLUSTER_YAML))
-            servers[name] = cs.ConfiguredServer(path, token.env(), token=api_token, port=port,
-                                                log_path=os.path.join(root, name + ".log")).start()
-        yield state
-    finally:
-        for s in servers.values():
-            s.stop()
-        pg.stop()
-        if not os.environ.get("P11KMS_KEEP_TMP"):
-            shutil.rmtree(root, ignore_errors=True)
+    yield from two_instances("p11kms-visibility-it-", CLUSTER_YAML)
 
 
 def ok(r):

@@ -305,6 +305,11 @@ TEST_P(StoreConformance, OneLeaseHolderAtATime) {
   EXPECT_TRUE(other->take_lease("rotation", "b", 118, 10));   // a stopped renewing
   EXPECT_FALSE(store_->take_lease("rotation", "a", 120, 10));
   EXPECT_TRUE(store_->take_lease("other-job", "a", 120, 10));  // leases are per job
+  // A clean stop holds it "until now" (ttl 0): the next holder need not wait for it to run out.
+  EXPECT_FALSE(store_->take_lease("rotation", "a", 121, 0));   // b's: a cannot let go of it
+  EXPECT_FALSE(store_->take_lease("rotation", "a", 122, 10));  // ... so b still holds it
+  EXPECT_TRUE(other->take_lease("rotation", "b", 123, 0));
+  EXPECT_TRUE(store_->take_lease("rotation", "a", 123, 10));
 }
 
 TEST_P(StoreConformance, SchemaIsCurrentAndReopeningKeepsEverything) {
