@@ -428,16 +428,29 @@ std::vector<ObjectInfo> Token::list_key_objects() {
     AttributeTemplate t;
     t.set_ulong(CKA_CLASS, cls).set(CKA_TOKEN, true);
     for (CK_OBJECT_HANDLE h : find_all(l, t)) {
-      CK_ATTRIBUTE attrs[2] = {{CKA_ID, nullptr, 0}, {CKA_LABEL, nullptr, 0}};
-      if (l.fn()->C_GetAttributeValue(l.session(), h, attrs, 2) != CKR_OK) continue;
+      // One call into buffers that fit what the service writes (16-byte ids, short labels); only
+      // a larger attribute costs a second call. With 10,000 keys the sweep's listing was
+      // measured at ~0.9 CPU-s, half of it in C_GetAttributeValue.
+      uint8_t id_buf[64];
+      char label_buf[256];
+      CK_ATTRIBUTE attrs[2] = {{CKA_ID, id_buf, sizeof id_buf}, {CKA_LABEL, label_buf, sizeof label_buf}};
+      CK_RV rv = l.fn()->C_GetAttributeValue(l.session(), h, attrs, 2);
       ObjectInfo info;
       info.object_class = cls;
-      info.id.resize(attrs[0].ulValueLen);
-      std::string label(attrs[1].ulValueLen, '\0');
-      attrs[0].pValue = info.id.data();
-      attrs[1].pValue = label.data();
-      if (l.fn()->C_GetAttributeValue(l.session(), h, attrs, 2) != CKR_OK) continue;
-      info.label = label;
+      if (rv == CKR_OK) {
+        info.id.assign(id_buf, id_buf + attrs[0].ulValueLen);
+        info.label.assign(label_buf, attrs[1].ulValueLen);
+      } else {
+        if (rv != CKR_BUFFER_TOO_SMALL) continue;
+        attrs[0] = {CKA_ID, nullptr, 0};
+        attrs[1] = {CKA_LABEL, nullptr, 0};
+        if (l.fn()->C_GetAttributeValue(l.session(), h, attrs, 2) != CKR_OK) continue;
+        info.id.resize(attrs[0].ulValueLen);
+        info.label.assign(attrs[1].ulValueLen, '\0');
+        attrs[0].pValue = info.id.data();
+        attrs[1].pValue = info.label.data();
+        if (l.fn()->C_GetAttributeValue(l.session(), h, attrs, 2) != CKR_OK) continue;
+      }
       out.push_back(std::move(info));
     }
   }

@@ -3,6 +3,7 @@
 #include <openssl/evp.h>
 
 #include <atomic>
+#include <map>
 #include <thread>
 
 #include "hsm/attributes.hpp"
@@ -113,6 +114,20 @@ TEST_F(TokenTest, DestroyRemovesObjectAndListing) {
   EXPECT_EQ(objs[0].label, "p11kms/root/b/v1");
   hsm::Bytes iv(12, 0);
   EXPECT_THROW(ops_.aes_gcm_encrypt(a, iv, {}, iv.data(), 1), hsm::ObjectMissing);
+}
+
+// The listing reads short labels in one call and longer ones in two: both come back whole.
+TEST_F(TokenTest, ListingReturnsShortAndLongLabelsWhole) {
+  auto a = ops_.new_object_id(), b = ops_.new_object_id();
+  std::string long_label = "p11kms/root/" + std::string(400, 'k') + "/v1";
+  ops_.generate_aes_key(a, 32, "p11kms/root/short/v1");
+  ops_.generate_aes_key(b, 32, long_label);
+  auto objs = ops_.list_key_objects();
+  ASSERT_EQ(objs.size(), 2u);
+  std::map<hsm::ObjectId, std::string> got;
+  for (const auto& o : objs) got[o.id] = o.label;
+  EXPECT_EQ(got[a], "p11kms/root/short/v1");
+  EXPECT_EQ(got[b], long_label);
 }
 
 TEST_F(TokenTest, HmacKeyIsNonExtractableAndMacsAreKeyed) {
