@@ -209,7 +209,8 @@ class Token {
   bool destroy_own(const ObjectId& id);
   bool exists(const ObjectId& id);
 
-  // Every secret and private key object, with id and label (one C_FindObjects pass).
+  // Every secret and private key object, with id and label (one C_FindObjects pass). Their
+  // handles go into the handle cache, so the first use of each needs no search.
   std::vector<ObjectInfo> list_key_objects();
 
   bool has_mechanism(CK_MECHANISM_TYPE m) const { return pool_.capabilities()->has(m); }
