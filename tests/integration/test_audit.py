@@ -169,12 +169,9 @@ def test_rotation_keeps_one_chain_verified_in_any_order():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_two_instances_on_one_store_keep_separate_verified_chains():
-    """Several instances share one store (here one SQLite file and one token); each writes its
-    own audit file, and each file's chain ends at its own head in the store."""
-    root = tempfile.mkdtemp(prefix="p11kms-audit-two-")
-    secret = "tok-" + os.urandom(8).hex()
-    a, cfg_a, token = start(root, "audit:\n  path: a.log\n", secret)
+def second_instance(root, cfg_a, token, secret, log_path=None):
+    """A second server (not started) on the first one's token and store, on its own port and
+    writing b.log instead of a.log. Returns (server, config path)."""
     port_b = cs.free_port()
     with open(cfg_a) as f:
         text = f.read()
@@ -182,7 +179,16 @@ def test_two_instances_on_one_store_keep_separate_verified_chains():
     with open(cfg_b, "w") as f:
         f.write(re.sub(r"address: 127\.0\.0\.1:\d+", "address: 127.0.0.1:%d" % port_b, text)
                 .replace("path: a.log", "path: b.log"))
-    b = cs.ConfiguredServer(cfg_b, token.env(), token=secret, port=port_b)
+    return cs.ConfiguredServer(cfg_b, token.env(), token=secret, port=port_b, log_path=log_path), cfg_b
+
+
+def test_two_instances_on_one_store_keep_separate_verified_chains():
+    """Several instances share one store (here one SQLite file and one token); each writes its
+    own audit file, and each file's chain ends at its own head in the store."""
+    root = tempfile.mkdtemp(prefix="p11kms-audit-two-")
+    secret = "tok-" + os.urandom(8).hex()
+    a, cfg_a, token = start(root, "audit:\n  path: a.log\n", secret)
+    b, cfg_b = second_instance(root, cfg_a, token, secret)
     h = {"X-Vault-Token": secret}
     try:
         a.start()
@@ -213,14 +219,7 @@ def test_a_chain_has_one_writer_at_a_time_and_moves_on_when_it_dies():
     secret = "tok-" + os.urandom(8).hex()
     yaml = "audit:\n  path: a.log\n  chain: payments\ncluster:\n  heartbeat: 1\n  intent_lease: 3s\n"
     a, cfg_a, token = start(root, yaml, secret)
-    port_b = cs.free_port()
-    with open(cfg_a) as f:
-        text = f.read()
-    cfg_b = os.path.join(root, "b.yaml")
-    with open(cfg_b, "w") as f:
-        f.write(re.sub(r"address: 127\.0\.0\.1:\d+", "address: 127.0.0.1:%d" % port_b, text)
-                .replace("path: a.log", "path: b.log"))
-    b = cs.ConfiguredServer(cfg_b, token.env(), token=secret, port=port_b, log_path=os.path.join(root, "b.out"))
+    b, cfg_b = second_instance(root, cfg_a, token, secret, log_path=os.path.join(root, "b.out"))
     h = {"X-Vault-Token": secret}
     try:
         a.start()
