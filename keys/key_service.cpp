@@ -601,7 +601,25 @@ std::optional<store::KeyRecord> KeyService::find_key(const std::string& ns, cons
     if (uuid::looks_like_uuid(id_or_name)) {
       std::string id = id_or_name;
       for (char& c : id) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-      if (auto r = store_.get_key_by_id(ns, id)) return r;
+      const std::string by_id = ns + '\0' + id;
+      std::optional<std::string> name;
+      if (limits_.cache_metadata) {
+        std::lock_guard<std::mutex> lk(cache_mu_);
+        auto it = names_by_id_.find(by_id);
+        if (it != names_by_id_.end()) name = it->second;
+      }
+      // The name may since belong to another key (deleted, then made again): only the same id counts.
+      if (name) {
+        if (auto k = load(KeyRef{ns, *name}); k && k->record().id == id) return k->record();
+      }
+      if (auto r = store_.get_key_by_id(ns, id)) {
+        if (limits_.cache_metadata) {
+          std::lock_guard<std::mutex> lk(cache_mu_);
+          if (names_by_id_.size() >= 65536) names_by_id_.clear();
+          names_by_id_[by_id] = r->name;
+        }
+        return r;
+      }
     }
     if (id_or_name.empty() || id_or_name.size() > limits_.max_key_name_length) return std::nullopt;
     try {

@@ -351,6 +351,9 @@ class KeyService {
   mutable std::mutex cache_mu_;
   CacheStats cache_stats_;  // under cache_mu_
   std::unordered_map<std::string, std::shared_ptr<const Key>> cache_;
+  // ns + '\0' + key id -> the key's name (fixed for the key's life), under cache_mu_: a request
+  // by id (Key Protect's URLs) then reads the metadata cache instead of the store.
+  std::unordered_map<std::string, std::string> names_by_id_;
   std::mutex master_mu_;
   MasterSeal master_seal_{store_, token_};  // everything sealed under the master key goes through it
   hsm::ObjectId wrapping_key_id_;  // transit's import key; empty until first needed
