@@ -382,16 +382,22 @@ const std::vector<Field> kListFields = {
 
 }  // namespace
 
-Dialect kong_keys_dialect() {
+// What /keys and /key-sets share: Kong's shapes, bodies and 401 for a missing token.
+static Dialect kong_dialect(const char* name, const char* mount, const char* policy_prefix) {
   Dialect d;
-  d.name = "jwks-keys";
-  d.mount = "/keys";
-  d.policy_prefix = "keys";
+  d.name = name;
+  d.mount = mount;
+  d.policy_prefix = policy_prefix;
   d.unauthenticated_status = 401;
   d.namespace_headers = {"X-Vault-Namespace"};
   d.render = &render;
   d.error = &error;
   d.parse_body = &parse_kong_body;
+  return d;
+}
+
+Dialect kong_keys_dialect() {
+  Dialect d = kong_dialect("jwks-keys", "/keys", "keys");
   auto& r = d.router;
   r.add({"GET", "", kListFields, "Lists keys (Kong pagination, tags filter).", list_keys, policy::kList});
   r.add({"POST", "", kKeyFields, "Creates a key (201); a private key goes into the token.", create_key, policy::kCreate});
@@ -416,15 +422,7 @@ Dialect kong_keys_dialect() {
 }
 
 Dialect kong_key_sets_dialect(bool jwks_public) {
-  Dialect d;
-  d.name = "jwks-key-sets";
-  d.mount = "/key-sets";
-  d.policy_prefix = "key-sets";
-  d.unauthenticated_status = 401;
-  d.namespace_headers = {"X-Vault-Namespace"};
-  d.render = &render;
-  d.error = &error;
-  d.parse_body = &parse_kong_body;
+  Dialect d = kong_dialect("jwks-key-sets", "/key-sets", "key-sets");
   auto& r = d.router;
   r.add({"GET", "", kListFields, "Lists key sets (Kong pagination, tags filter).", list_sets, policy::kList});
   r.add({"POST", "", kSetFields, "Creates a key set (201).", create_set, policy::kCreate});
