@@ -320,7 +320,7 @@ int cmd_audit(const std::vector<std::string>& args) {
     pc.user_pin = read_pin(config.hsm);
     pc.sessions = 1;
     hsm::SessionPool pool(std::move(pc));
-    hsm::Token token(pool);
+    hsm::Token token(pool, hsm::TokenOptions{config.hsm.session_copies});
     auto result = audit::verify_audit_files(files, token, *store, config.audit.chain);
     if (result.intact) {
       std::cout << "intact: " << result.lines << " lines" << std::endl;

@@ -32,7 +32,7 @@ const std::map<std::string, std::set<std::string>>& known_keys() {
       {"", {"listen", "hsm", "store", "auth", "policies", "audit", "keyring", "jwks", "byok", "limits", "cluster"}},
       {"listen", {"address", "tls", "threads"}},
       {"listen.tls", {"cert_file", "key_file", "client_ca_file"}},
-      {"hsm", {"module", "token_label", "pin_file", "pin_env", "sessions"}},
+      {"hsm", {"module", "token_label", "pin_file", "pin_env", "sessions", "session_copies"}},
       {"store", {"driver", "path", "dsn", "password_file"}},
       {"auth", {"tokens"}},
       {"auth.tokens[]", {"name", "token_sha256", "policies", "namespaces", "expires", "cert_sha256"}},
@@ -61,6 +61,13 @@ void check_keys(const YAML::Node& node, const std::string& section, const std::s
 std::string str(const YAML::Node& n, const std::string& key) {
   if (!n.IsScalar()) fail(key, "must be a string");
   return n.as<std::string>();
+}
+
+bool boolean(const YAML::Node& n, const std::string& key) {
+  if (!n.IsScalar()) fail(key, "must be true or false");
+  std::string v = n.as<std::string>();
+  if (v != "true" && v != "false") fail(key, "must be true or false");
+  return v == "true";
 }
 
 long long integer(const YAML::Node& n, const std::string& key, long long min, long long max) {
@@ -265,6 +272,7 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
       if (c.hsm.pin_env.empty()) fail("hsm.pin_env", "must not be empty");
     }
     if (h["sessions"]) c.hsm.sessions = static_cast<size_t>(integer(h["sessions"], "hsm.sessions", 1, 1024));
+    if (h["session_copies"]) c.hsm.session_copies = boolean(h["session_copies"], "hsm.session_copies");
   }
   if (!c.hsm.pin_file.empty() && !c.hsm.pin_env.empty()) fail("hsm", "set pin_file or pin_env, not both");
   if (c.hsm.pin_file.empty() && c.hsm.pin_env.empty()) fail("hsm", "pin_file or pin_env is required (the token's user PIN)");
@@ -325,11 +333,7 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
       if (::gethostname(host, sizeof host - 1) != 0) host[0] = 0;
       c.audit.chain = std::string(host[0] ? host : "localhost") + ":" + c.audit.path;
     }
-    if (a["fail_closed"]) {
-      std::string v = str(a["fail_closed"], "audit.fail_closed");
-      if (v != "true" && v != "false") fail("audit.fail_closed", "must be true or false");
-      c.audit.fail_closed = v == "true";
-    }
+    if (a["fail_closed"]) c.audit.fail_closed = boolean(a["fail_closed"], "audit.fail_closed");
     if (a["max_bytes"]) c.audit.max_bytes = static_cast<uint64_t>(integer(a["max_bytes"], "audit.max_bytes", 1024, 1LL << 40));
   }
   if (auto k = root["keyring"]; k && !k.IsNull()) {
@@ -350,11 +354,7 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
   }
   if (auto j = root["jwks"]; j && !j.IsNull()) {
     check_keys(j, "jwks", "jwks");
-    if (j["public"]) {
-      std::string v = str(j["public"], "jwks.public");
-      if (v != "true" && v != "false") fail("jwks.public", "must be true or false");
-      c.limits.jwks_public = v == "true";
-    }
+    if (j["public"]) c.limits.jwks_public = boolean(j["public"], "jwks.public");
   }
   if (auto b = root["byok"]; b && !b.IsNull()) {
     check_keys(b, "byok", "byok");

@@ -31,6 +31,8 @@ struct Config {
     std::string pin_file;  // absolute after loading
     std::string pin_env;
     size_t sessions = 8;
+    // Operations run on session copies of the keys in use (hsm::TokenOptions::session_copies).
+    bool session_copies = true;
   } hsm;
   struct Store {
     std::string driver = "sqlite";   // sqlite | postgres

@@ -56,7 +56,7 @@ int cmd_keyring(const std::vector<std::string>& args) {
     pc.user_pin = read_pin(config.hsm);
     pc.sessions = 1;
     hsm::SessionPool pool(std::move(pc));
-    hsm::Token token(pool);
+    hsm::Token token(pool, hsm::TokenOptions{config.hsm.session_copies});
     keys::KeyService keys(*store, token);
     keys::Keyring keyring(*store, keys, token, {});
     if (args[0] == "import-key") {

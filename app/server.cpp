@@ -82,7 +82,7 @@ int run_server(const Config& config, const std::string& banner) {
     std::cerr << "p11kms: cannot start: " << e.what() << std::endl;
     return 1;
   }
-  hsm::Token token(*pool);
+  hsm::Token token(*pool, hsm::TokenOptions{config.hsm.session_copies});
   keys::ServiceLimits kl;
   kl.max_key_name_length = config.max_key_name_length;
   const bool shared_store = config.store.driver == "postgres";

@@ -2,17 +2,19 @@
 // a throwaway SoftHSM token, with the object templates the service uses
 // (hsm::Token::generate_aes_key). scripts/bench runs this and reads its JSON output.
 //
-//   token/*     what the service does per request, through hsm::Token (session lease, handle
-//               cache, C_*Init + C_*), 32-byte payloads, IVs from OpenSSL as keys/ draws them;
+//   token/*     what the service does per request, through hsm::Token as the server configures
+//               it (session copies on: hsm::TokenOptions; session lease, handle and copy
+//               caches, C_*Init + C_*), 32-byte payloads, IVs from OpenSSL as keys/ draws them;
 //               the signatures as keys/ makes them: HMAC-SHA-256 with a 64-byte token HMAC key,
 //               ECDSA P-256 over a SHA-256 digest computed in the process (CKM_ECDSA), Ed25519
 //               over the message (CKM_EDDSA), RSA-2048 PSS over a SHA-256 digest
 //               (CKM_RSA_PKCS_PSS, Vault's default signature_algorithm).
 //   analysis/*  the same AES-GCM encrypt as raw PKCS#11 calls, timed per call (counters
 //               init_us = C_EncryptInit, op_us = C_Encrypt), on three AES-256 objects: the
-//               service's token object, a private session-object copy (C_CopyObject) of a token
-//               key, and a non-private session key.
-//               They measure what a design change would buy; the service does not use them.
+//               service's token object (what it ran on before session copies, and still runs on
+//               with hsm.session_copies false), its private session copy (C_CopyObject, what the
+//               service runs on), and a non-private session key (no p11kms key can be one: a
+//               copy cannot drop CKA_PRIVATE).
 //
 // Every benchmark runs at 1 and 2 threads with real time, so items_per_second is the rate of
 // the whole process. Nothing here asserts anything.
@@ -48,7 +50,7 @@ struct Fixture {
   ObjectId key;
   ObjectId hmac_key, ecdsa_p256, ed25519, rsa2048;  // token objects made as keys/ makes them
   Bytes iv, sealed;
-  CK_OBJECT_HANDLE token_handle = 0;           // the token object the service uses
+  CK_OBJECT_HANDLE token_handle = 0;           // the service's token object (it runs on a copy)
   CK_OBJECT_HANDLE session_private_copy = 0;   // C_CopyObject to CKA_TOKEN false (stays private)
   CK_OBJECT_HANDLE session_public_copy = 0;    // generated CKA_TOKEN false, CKA_PRIVATE false
 };
@@ -76,8 +78,8 @@ CK_OBJECT_HANDLE find_handle(SessionPool::Lease& l, const ObjectId& id) {
   return h;
 }
 
-// The template of hsm::Token::generate_aes_key, with the three booleans a copy scheme would
-// touch left as parameters (the service's key versions are token, private, not modifiable).
+// The template of hsm::Token::generate_aes_key, with the booleans a copy scheme touches left as
+// parameters (the service's key versions are token, private and, with copies, modifiable).
 p11kms::hsm::AttributeTemplate aes_template(bool on_token, bool is_private, bool modifiable) {
   p11kms::hsm::AttributeTemplate t;
   t.set_ulong(CKA_CLASS, CKO_SECRET_KEY)
@@ -115,7 +117,7 @@ void setup() {
   g = new Fixture;
   g->temp = std::make_unique<p11kms::test_support::TempToken>("p11kms-bench");
   g->pool = std::make_unique<SessionPool>(g->temp->pool_config(kSessions));
-  g->token = std::make_unique<Token>(*g->pool);
+  g->token = std::make_unique<Token>(*g->pool, p11kms::hsm::TokenOptions{true});  // as the server runs
   g->key = g->token->new_object_id();
   g->token->generate_aes_key(g->key, 32, "p11kms/root/bench/v1");
   g->hmac_key = g->token->new_object_id();
@@ -135,16 +137,10 @@ void setup() {
   g->sealed = g->token->aes_gcm_encrypt(g->key, g->iv, {}, kPlaintext, kPayload);
   auto l = g->pool->lease();
   g->token_handle = find_handle(l, g->key);
-  // A session copy of the service's own key version: SoftHSM 2.6.1 refuses it, because the
-  // template sets CKA_MODIFIABLE false and C_CopyObject applies its template as a modification.
-  CK_OBJECT_HANDLE refused = 0;
-  CK_RV rv = session_copy(l, g->token_handle, &refused);
-  std::fprintf(stderr, "note: C_CopyObject(CKA_TOKEN=false) of a generate_aes_key object: %s\n",
-               rv == CKR_OK ? "CKR_OK" : p11kms::hsm::rv_name(rv));
-  // The same key made with CKA_MODIFIABLE true can be copied into a private session object
-  // (SoftHSM never lets a copy drop CKA_PRIVATE).
-  CK_OBJECT_HANDLE modifiable = generate(l, aes_template(true, true, true));
-  l.check(session_copy(l, modifiable, &g->session_private_copy), "C_CopyObject");
+  // The service's key version is made copyable (TokenOptions::session_copies), and its copy is
+  // what token/* runs on; here the same copy as raw calls (SoftHSM never lets a copy drop
+  // CKA_PRIVATE).
+  l.check(session_copy(l, g->token_handle, &g->session_private_copy), "C_CopyObject");
   // A non-private session key, generated (a copy cannot make one): no CKA_VALUE decryption.
   g->session_public_copy = generate(l, aes_template(false, false, false));
 }

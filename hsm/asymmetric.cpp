@@ -200,8 +200,9 @@ Bytes Token::generate_key_pair(const PairSpec& spec, const ObjectId& id, const s
   AttributeTemplate pub, priv;
   public_template(pub, spec);
   priv.set_ulong(CKA_CLASS, CKO_PRIVATE_KEY).set_ulong(CKA_KEY_TYPE, pair_key_type(spec.kind));
+  // Modifiable only so that SoftHSM will copy it (TokenOptions::session_copies).
   priv.set(CKA_TOKEN, true).set(CKA_PRIVATE, true).set(CKA_SENSITIVE, true).set(CKA_EXTRACTABLE, false)
-      .set(CKA_MODIFIABLE, false);
+      .set(CKA_MODIFIABLE, options_.session_copies);
   private_usages(priv, spec.kind);
   priv.set_bytes(CKA_ID, id).set_string(CKA_LABEL, label);
   CK_MECHANISM mech{pair_mechanism(spec.kind), nullptr, 0};

@@ -52,12 +52,14 @@ SecureBytes Token::random_secret(size_t n) {
   return out;
 }
 
-// Every secret key the service keeps on the token: persistent, private, sensitive,
-// non-extractable and unmodifiable, with every usage boolean set explicitly (SoftHSM turns
-// several on by default) and only the given ones true.
+// Every secret key the service keeps on the token: persistent, private, sensitive and
+// non-extractable, with every usage boolean set explicitly (SoftHSM turns several on by
+// default) and only the given ones true. Unmodifiable unless `copyable`: SoftHSM copies only
+// modifiable keys (TokenOptions::session_copies), and CKA_SENSITIVE and CKA_EXTRACTABLE can
+// never be weakened on a modifiable key either.
 // bytes == 0 leaves CKA_VALUE_LEN out (C_CreateObject takes the length from CKA_VALUE).
 static AttributeTemplate secret_key_template(CK_KEY_TYPE type, size_t bytes, const ObjectId& id, const std::string& label,
-                                      std::initializer_list<CK_ATTRIBUTE_TYPE> usages) {
+                                      std::initializer_list<CK_ATTRIBUTE_TYPE> usages, bool copyable = false) {
   AttributeTemplate t;
   t.set_ulong(CKA_CLASS, CKO_SECRET_KEY).set_ulong(CKA_KEY_TYPE, type);
   if (bytes != 0) t.set_ulong(CKA_VALUE_LEN, bytes);
@@ -65,7 +67,7 @@ static AttributeTemplate secret_key_template(CK_KEY_TYPE type, size_t bytes, con
       .set(CKA_PRIVATE, true)
       .set(CKA_SENSITIVE, true)
       .set(CKA_EXTRACTABLE, false)
-      .set(CKA_MODIFIABLE, false);
+      .set(CKA_MODIFIABLE, copyable);
   for (CK_ATTRIBUTE_TYPE usage : {CKA_ENCRYPT, CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE}) {
     bool on = std::find(usages.begin(), usages.end(), usage) != usages.end();
     t.set(usage, on);
@@ -84,7 +86,7 @@ void Token::generate_secret(CK_MECHANISM_TYPE mechanism, AttributeTemplate& t, c
 }
 
 void Token::generate_aes_key(const ObjectId& id, size_t bytes, const std::string& label) {
-  auto t = secret_key_template(CKK_AES, bytes, id, label, {CKA_ENCRYPT, CKA_DECRYPT});
+  auto t = secret_key_template(CKK_AES, bytes, id, label, {CKA_ENCRYPT, CKA_DECRYPT}, options_.session_copies);
   generate_secret(CKM_AES_KEY_GEN, t, id);
 }
 
@@ -115,7 +117,7 @@ KeyHandle derived_key_handle(ObjectId cache_id, KeyHandle base, Bytes data, CK_K
 }
 
 void Token::import_aes_key(const ObjectId& id, const SecureBytes& value, const std::string& label) {
-  auto t = secret_key_template(CKK_AES, 0, id, label, {CKA_ENCRYPT, CKA_DECRYPT});
+  auto t = secret_key_template(CKK_AES, 0, id, label, {CKA_ENCRYPT, CKA_DECRYPT}, options_.session_copies);
   t.set_bytes(CKA_VALUE, value.data(), value.size());
   auto l = pool_.lease();
   CK_OBJECT_HANDLE h = 0;
@@ -125,7 +127,7 @@ void Token::import_aes_key(const ObjectId& id, const SecureBytes& value, const s
 }
 
 void Token::generate_hmac_key(const ObjectId& id, size_t bytes, const std::string& label) {
-  auto t = secret_key_template(CKK_GENERIC_SECRET, bytes, id, label, {CKA_SIGN, CKA_VERIFY});
+  auto t = secret_key_template(CKK_GENERIC_SECRET, bytes, id, label, {CKA_SIGN, CKA_VERIFY}, options_.session_copies);
   generate_secret(CKM_GENERIC_SECRET_KEY_GEN, t, id);
 }
 
@@ -134,7 +136,7 @@ Bytes Token::hmac_sha256(const ObjectId& key, const uint8_t* data, size_t len) {
 }
 
 void Token::import_hmac_key(const ObjectId& id, const SecureBytes& value, const std::string& label) {
-  auto t = secret_key_template(CKK_GENERIC_SECRET, 0, id, label, {CKA_SIGN, CKA_VERIFY});
+  auto t = secret_key_template(CKK_GENERIC_SECRET, 0, id, label, {CKA_SIGN, CKA_VERIFY}, options_.session_copies);
   t.set_bytes(CKA_VALUE, value.data(), value.size());
   auto l = pool_.lease();
   CK_OBJECT_HANDLE h = 0;
@@ -178,10 +180,7 @@ Bytes Token::sign(const KeyHandle& key, CK_MECHANISM_TYPE mechanism, void* param
 std::optional<CK_OBJECT_HANDLE> Token::find(SessionPool::Lease& l, const ObjectId& id) {
   {
     std::lock_guard<std::mutex> lk(cache_mu_);
-    if (cache_generation_ != l.generation()) {
-      cache_.clear();
-      cache_generation_ = l.generation();
-    }
+    sync_generation(l);
     auto it = cache_.find(cache_key(id));
     if (it != cache_.end()) return it->second;
   }
@@ -232,6 +231,77 @@ void Token::forget(const ObjectId& id) {
   std::lock_guard<std::mutex> lk(cache_mu_);
   cache_.erase(cache_key(id));
   session_cache_.erase(cache_key(id));
+  copies_.erase(cache_key(id));
+}
+
+void Token::sync_generation(const SessionPool::Lease& l) {
+  if (cache_generation_ == l.generation()) return;
+  cache_.clear();
+  session_cache_.clear();
+  copies_.clear();  // session objects went with the sessions
+  not_copyable_.clear();
+  cache_generation_ = l.generation();
+}
+
+// Copies are made for the keys in use, up to this many; past it further keys run on their token
+// objects (never slower than without copies). Copies of keys deleted by another instance are
+// dropped by the next listing (list_key_objects, the sweeper's), so they do not fill it.
+constexpr size_t kMaxSessionCopies = 1024;
+
+// A copy lives in the process and works on while the token is gone (SoftHSM: its directory
+// removed), where the token object would fail the operation. So copies are used only while the
+// token was seen present within this long; an outage fails operations (503) within it.
+constexpr auto kTokenPresenceRecheck = std::chrono::seconds(1);
+
+CK_OBJECT_HANDLE Token::copy_or_object(SessionPool::Lease& l, const ObjectId& id) {
+  if (!options_.session_copies) return handle(l, id);
+  const int64_t now = std::chrono::steady_clock::now().time_since_epoch().count();
+  if (now - present_at_ns_.load(std::memory_order_relaxed) >
+      std::chrono::duration_cast<std::chrono::nanoseconds>(kTokenPresenceRecheck).count()) {
+    l.require_token_present();  // TokenUnavailable: a 503, and the pool reconnects (dropping copies)
+    present_at_ns_.store(now, std::memory_order_relaxed);
+  }
+  const std::string k = cache_key(id);
+  bool may_copy = false;
+  auto cached = [&]() -> std::optional<CK_OBJECT_HANDLE> {
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    sync_generation(l);
+    auto it = copies_.find(k);
+    if (it != copies_.end()) return it->second;
+    may_copy = !not_copyable_.count(k) && copies_.size() < kMaxSessionCopies;
+    return std::nullopt;
+  };
+  if (auto h = cached()) return *h;
+  CK_OBJECT_HANDLE object = handle(l, id);
+  if (!may_copy) return object;
+  std::lock_guard<std::mutex> create_lock(copy_mu_);
+  if (auto h = cached()) return *h;
+  if (!may_copy) return object;
+  AttributeTemplate t;
+  t.set(CKA_TOKEN, false);  // all else as the original: private, sensitive, non-extractable
+  CK_OBJECT_HANDLE copy = CK_INVALID_HANDLE;
+  CK_RV rv = l.fn()->C_CopyObject(l.session(), object, t.data(), t.size(), &copy);
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  if (rv != CKR_OK) {
+    // The module's refusal (SoftHSM: CKR_ATTRIBUTE_READ_ONLY for a key made unmodifiable) is
+    // final for this key, which runs on its token object from now on. Anything else (a stale
+    // handle, a failing device) shows up again, and is reported, in the operation itself.
+    switch (rv) {
+      case CKR_ATTRIBUTE_READ_ONLY:
+      case CKR_ACTION_PROHIBITED:
+      case CKR_TEMPLATE_INCONSISTENT:
+      case CKR_ATTRIBUTE_TYPE_INVALID:
+      case CKR_ATTRIBUTE_VALUE_INVALID:
+      case CKR_FUNCTION_NOT_SUPPORTED:
+        not_copyable_.insert(k);
+        break;
+      default:
+        break;
+    }
+    return object;
+  }
+  if (cache_generation_ == l.generation()) copies_[k] = copy;
+  return copy;
 }
 
 // Session objects live until the session that made them closes (the pool keeps its sessions
@@ -242,15 +312,11 @@ constexpr size_t kMaxSessionObjects = 4096;
 
 CK_OBJECT_HANDLE Token::resolve(SessionPool::Lease& l, const KeyHandle& key) {
   if (key.base) return derive(l, key);
-  if (!key.load) return handle(l, key.id);
+  if (!key.load) return copy_or_object(l, key.id);
   std::lock_guard<std::mutex> create_lock(load_mu_);
   {
     std::lock_guard<std::mutex> lk(cache_mu_);
-    if (cache_generation_ != l.generation()) {
-      cache_.clear();
-      session_cache_.clear();
-      cache_generation_ = l.generation();
-    }
+    sync_generation(l);
     auto it = session_cache_.find(cache_key(key.id));
     if (it != session_cache_.end()) return it->second;
     if (session_cache_.size() >= kMaxSessionObjects) {
@@ -271,11 +337,7 @@ CK_OBJECT_HANDLE Token::resolve(SessionPool::Lease& l, const KeyHandle& key) {
 CK_OBJECT_HANDLE Token::derive(SessionPool::Lease& l, const KeyHandle& key) {
   auto cached = [&]() -> std::optional<CK_OBJECT_HANDLE> {
     std::lock_guard<std::mutex> lk(cache_mu_);
-    if (cache_generation_ != l.generation()) {
-      cache_.clear();
-      session_cache_.clear();
-      cache_generation_ = l.generation();
-    }
+    sync_generation(l);
     auto it = session_cache_.find(cache_key(key.id));
     if (it != session_cache_.end()) return it->second;
     return std::nullopt;
@@ -395,8 +457,13 @@ bool Token::destroy_own(const ObjectId& id) { return destroy(id, false); }
 bool Token::destroy(const ObjectId& id, bool maybe_foreign) {
   auto l = pool_.lease();
   forget(id);
+  if (options_.session_copies) {  // this process's copies go first: they would outlive the key
+    AttributeTemplate c;
+    c.set_bytes(CKA_ID, id).set(CKA_TOKEN, false);
+    for (CK_OBJECT_HANDLE h : find_all(l, c)) l.fn()->C_DestroyObject(l.session(), h);
+  }
   AttributeTemplate t;
-  t.set_bytes(CKA_ID, id);
+  t.set_bytes(CKA_ID, id).set(CKA_TOKEN, true);
   auto handles = find_all(l, t);
   if (handles.empty() && maybe_foreign) {
     // Possibly made by another process after this one last read the token: re-read it rather
@@ -455,17 +522,36 @@ std::vector<ObjectInfo> Token::list_key_objects() {
       // key pays a C_FindObjects over the whole token (~160 ms with 10,000 keys, measured).
       {
         std::lock_guard<std::mutex> lk(cache_mu_);
-        if (cache_generation_ != l.generation()) {
-          cache_.clear();
-          session_cache_.clear();
-          cache_generation_ = l.generation();
-        }
+        sync_generation(l);
         if (!info.id.empty()) cache_.emplace(cache_key(info.id), h);
       }
       out.push_back(std::move(info));
     }
   }
+  if (options_.session_copies) drop_orphan_copies(l, out);
   return out;
+}
+
+// A key deleted by another instance leaves this process's copy behind (the store stops naming
+// it, so it is never used); drop copies whose token object the listing no longer shows.
+void Token::drop_orphan_copies(SessionPool::Lease& l, const std::vector<ObjectInfo>& listed) {
+  std::unordered_set<std::string> ids;
+  for (const auto& info : listed) ids.insert(cache_key(info.id));
+  std::vector<CK_OBJECT_HANDLE> orphans;
+  {
+    std::lock_guard<std::mutex> create_lock(copy_mu_);
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    if (cache_generation_ != l.generation()) return;
+    for (auto it = copies_.begin(); it != copies_.end();) {
+      if (ids.count(it->first)) {
+        ++it;
+      } else {
+        orphans.push_back(it->second);
+        it = copies_.erase(it);
+      }
+    }
+  }
+  for (CK_OBJECT_HANDLE h : orphans) l.fn()->C_DestroyObject(l.session(), h);
 }
 
 }  // namespace p11kms::hsm

@@ -3,6 +3,7 @@
 // so a lookup per operation would not scale).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -12,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "hsm/attributes.hpp"
@@ -97,9 +99,21 @@ struct ObjectInfo {
   CK_OBJECT_CLASS object_class = 0;
 };
 
+struct TokenOptions {
+  // Run operations on a session copy of each persistent key in use (C_CopyObject with
+  // CKA_TOKEN=false: private, sensitive, non-extractable like the original, and gone with the
+  // process) instead of on the token object. SoftHSM re-checks a token object's files on every
+  // C_*Init (about 12 of its 17 us, docs/PERFORMANCE.md section 2), a session object's never.
+  // SoftHSM copies only keys made with CKA_MODIFIABLE=true, so new secret keys and signing keys
+  // are then made modifiable (CKA_SENSITIVE and CKA_EXTRACTABLE stay fixed either way); keys it
+  // will not copy, such as those made while this was off, keep using the token object. Copies
+  // are used only while the token was seen present within the last second.
+  bool session_copies = false;
+};
+
 class Token {
  public:
-  explicit Token(SessionPool& pool) : pool_(pool) {}
+  explicit Token(SessionPool& pool, TokenOptions options = {}) : pool_(pool), options_(options) {}
 
   SessionPool& pool() { return pool_; }
 
@@ -238,13 +252,28 @@ class Token {
   CK_OBJECT_HANDLE open_ephemeral(SessionPool::Lease& lease, const ObjectId& wrapping_key, const Bytes& rsa_part,
                                   CK_MECHANISM_TYPE oaep_hash);
   void forget(const ObjectId& id);
+  // The handle to run an operation on for the token object `id`: its session copy when
+  // options_.session_copies allows one, else the token object itself.
+  CK_OBJECT_HANDLE copy_or_object(SessionPool::Lease& lease, const ObjectId& id);
+  void drop_orphan_copies(SessionPool::Lease& lease, const std::vector<ObjectInfo>& listed);
+  // Drops every cached handle when the pool's sessions were replaced (cache_mu_ held).
+  void sync_generation(const SessionPool::Lease& lease);
 
   SessionPool& pool_;
+  const TokenOptions options_;
   std::mutex cache_mu_;
   uint64_t cache_generation_ = 0;
   std::unordered_map<std::string, CK_OBJECT_HANDLE> cache_;
   std::mutex load_mu_;  // one creator per session object
   std::unordered_map<std::string, CK_OBJECT_HANDLE> session_cache_;  // KeyHandle::load objects
+  // Session copies of token objects by CKA_ID, and the ids the module would not copy (both
+  // guarded by cache_mu_, made under copy_mu_: not load_mu_, which is held while a loader
+  // unseals material with the master key, itself copied).
+  std::mutex copy_mu_;
+  // When the token was last seen present by copy_or_object (steady clock, ns).
+  std::atomic<int64_t> present_at_ns_{0};
+  std::unordered_map<std::string, CK_OBJECT_HANDLE> copies_;
+  std::unordered_set<std::string> not_copyable_;
   // Ids still missing after a refresh, and when (guarded by cache_mu_).
   std::unordered_map<std::string, std::chrono::steady_clock::time_point> confirmed_missing_;
 };
