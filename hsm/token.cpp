@@ -1,6 +1,8 @@
 #include "hsm/token.hpp"
 
 #include "common/encoding.hpp"
+#include "common/log.hpp"
+#include "hsm/errors.hpp"
 #include "hsm/attributes.hpp"
 
 #include <algorithm>
@@ -294,8 +296,11 @@ CK_OBJECT_HANDLE Token::copy_or_object(SessionPool::Lease& l, const ObjectId& id
       case CKR_ATTRIBUTE_VALUE_INVALID:
       case CKR_FUNCTION_NOT_SUPPORTED:
         not_copyable_.insert(k);
+        log::info("hsm: object " + encoding::hex_encode(id) + " runs on the token object: the module will not copy it (" +
+                  rv_name(rv) + ")");
         break;
       default:
+        log::warn(std::string("hsm: C_CopyObject failed: ") + rv_name(rv));
         break;
     }
     return object;

@@ -104,6 +104,9 @@ COMPARISONS = {
     "instances: one vs two (operation)": (["encrypt 32 B", "sign ecdsa-p256"], "one", "two"),
     "module: direct vs p11-kit remoting (operation)": (["hmac 32 B (hmac key)", "sign ecdsa-p256"],
                                                        "direct", "remote"),
+    # Issue 5: operations on session copies of the keys (the default) vs on the token objects.
+    "session copies: on vs off (operation)": (["encrypt 32 B", "decrypt 32 B", "hmac 32 B", "datakey 256",
+                                               "sign ecdsa-p256"], "on", "off"),
 }
 
 

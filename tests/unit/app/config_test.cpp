@@ -54,6 +54,7 @@ TEST(ParseConfig, MinimalConfigGetsDefaults) {
   auto c = app::parse_config(kMinimal, kBase);
   EXPECT_EQ(c.listen_address, "127.0.0.1:8200");
   EXPECT_EQ(c.hsm.sessions, 8u);
+  EXPECT_TRUE(c.hsm.session_copies);
   EXPECT_EQ(c.hsm.module, "/usr/lib/softhsm/libsofthsm2.so");
   EXPECT_EQ(c.hsm.token_label, "p11kms");
   EXPECT_EQ(c.hsm.pin_file, "/etc/p11kms/pin");
@@ -337,6 +338,13 @@ TEST(ParseConfig, ExpiresMustEndInZ) {
 }
 
 // ---- integers and ranges ----
+
+TEST(ParseConfig, SessionCopiesIsABoolean) {
+  EXPECT_FALSE(app::parse_config("hsm:\n  pin_file: /p\n  session_copies: false\n" + kAuth, kBase).hsm.session_copies);
+  EXPECT_TRUE(app::parse_config("hsm:\n  pin_file: /p\n  session_copies: true\n" + kAuth, kBase).hsm.session_copies);
+  expect_config_error("hsm:\n  pin_file: /p\n  session_copies: yes please\n" + kAuth, "hsm.session_copies");
+  expect_config_error("hsm:\n  pin_file: /p\n  session_copies: [true]\n" + kAuth, "hsm.session_copies");
+}
 
 TEST(ParseConfig, BadIntegersRefusedNamingTheKey) {
   expect_config_error("hsm:\n  pin_file: /p\n  sessions: eight\n" + kAuth, "hsm.sessions");
