@@ -266,14 +266,12 @@ class Token {
   std::unordered_map<std::string, CK_OBJECT_HANDLE> cache_;
   std::mutex load_mu_;  // one creator per session object
   std::unordered_map<std::string, CK_OBJECT_HANDLE> session_cache_;  // KeyHandle::load objects
-  // Session copies of token objects by CKA_ID, and the ids the module would not copy (both
-  // guarded by cache_mu_, made under copy_mu_: not load_mu_, which is held while a loader
-  // unseals material with the master key, itself copied).
+  // One maker of copies at a time; not load_mu_, which a loader holds while it unseals material
+  // with the master key (itself run on a copy).
   std::mutex copy_mu_;
-  // When the token was last seen present by copy_or_object (steady clock, ns).
-  std::atomic<int64_t> present_at_ns_{0};
-  std::unordered_map<std::string, CK_OBJECT_HANDLE> copies_;
-  std::unordered_set<std::string> not_copyable_;
+  std::unordered_map<std::string, CK_OBJECT_HANDLE> copies_;  // by CKA_ID (guarded by cache_mu_)
+  std::unordered_set<std::string> not_copyable_;  // ids the module would not copy (cache_mu_)
+  std::atomic<int64_t> present_at_ns_{0};  // when copy_or_object last saw the token present (steady, ns)
   // Ids still missing after a refresh, and when (guarded by cache_mu_).
   std::unordered_map<std::string, std::chrono::steady_clock::time_point> confirmed_missing_;
 };
