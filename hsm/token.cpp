@@ -489,7 +489,10 @@ bool Token::destroy(const ObjectId& id, bool maybe_foreign) {
 
 bool Token::exists(const ObjectId& id) {
   auto l = pool_.lease();
-  forget(id);
+  {  // a fresh look for the object itself; its copy, if any, stays valid and tracked
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    cache_.erase(cache_key(id));
+  }
   return find_or_refresh(l, id).has_value();  // "missing" only about a token that is there
 }
 

@@ -183,6 +183,18 @@ TEST_F(SessionCopiesTest, AListingDropsCopiesOfKeysDeletedElsewhere) {
   EXPECT_EQ(objects(pool_, kept, false).size(), 1u);
 }
 
+// The sweeper's existence check looks the token object up afresh; it must not lose track of the
+// key's copy (an untracked copy would stay in the token's memory, and a second one be made).
+TEST_F(SessionCopiesTest, AnExistenceCheckKeepsTheOneCopy) {
+  auto id = copies_.new_object_id();
+  copies_.generate_aes_key(id, 32, "p11kms/root/checked/v1");
+  copies_.aes_gcm_encrypt(id, iv_, aad_, message_.data(), message_.size());
+  ASSERT_EQ(objects(pool_, id, false).size(), 1u);
+  EXPECT_TRUE(copies_.exists(id));
+  copies_.aes_gcm_encrypt(id, iv_, aad_, message_.data(), message_.size());
+  EXPECT_EQ(objects(pool_, id, false).size(), 1u);
+}
+
 // Copies are session objects: when their session is replaced, they are made again on demand.
 TEST_F(SessionCopiesTest, ACopyLostWithItsSessionIsMadeAgain) {
   auto id = copies_.new_object_id();
