@@ -1,38 +1,45 @@
 #include "api/route.hpp"
 
 #include <cmath>
+#include <string_view>
 
 #include "keys/errors.hpp"
 
 namespace p11kms::api {
 namespace {
 
-std::vector<std::string> split_path(const std::string& path) {
-  std::vector<std::string> out;
+// The segments between '/' (empty ones kept: "a//b" has three, "/a" two).
+template <typename Segments>
+void split_path(std::string_view path, Segments& out) {
   size_t start = 0;
   while (start <= path.size()) {
     size_t slash = path.find('/', start);
-    if (slash == std::string::npos) slash = path.size();
-    out.push_back(path.substr(start, slash - start));
+    if (slash == std::string_view::npos) slash = path.size();
+    out.emplace_back(path.substr(start, slash - start));
     start = slash + 1;
   }
-  return out;
 }
 
-bool match_pattern(const std::string& pattern, const std::string& path, std::map<std::string, std::string>& params) {
-  auto p = split_path(pattern), s = split_path(path);
-  if (p.size() != s.size()) return false;
-  std::map<std::string, std::string> found;
-  for (size_t i = 0; i < p.size(); ++i) {
-    if (!p[i].empty() && p[i][0] == ':') {
-      if (s[i].empty()) return false;
-      found[p[i].substr(1)] = s[i];
-    } else if (p[i] != s[i]) {
+// ":name" matches any non-empty segment, anything else itself.
+bool segments_match(const std::vector<std::string>& pattern, const std::vector<std::string_view>& path) {
+  if (pattern.size() != path.size()) return false;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    const std::string& p = pattern[i];
+    if (!p.empty() && p[0] == ':') {
+      if (path[i].empty()) return false;
+    } else if (p != path[i]) {
       return false;
     }
   }
-  params = std::move(found);
   return true;
+}
+
+std::map<std::string, std::string> params_of(const std::vector<std::string>& pattern,
+                                             const std::vector<std::string_view>& path) {
+  std::map<std::string, std::string> params;
+  for (size_t i = 0; i < pattern.size(); ++i)
+    if (!pattern[i].empty() && pattern[i][0] == ':') params[pattern[i].substr(1)] = std::string(path[i]);
+  return params;
 }
 
 }  // namespace
@@ -47,11 +54,21 @@ const char* field_type_name(FieldType t) {
   }
 }
 
+void Router::add(Route route) {
+  std::vector<std::string> segments;
+  split_path(route.pattern, segments);
+  segments_.push_back(std::move(segments));
+  routes_.push_back(std::move(route));
+}
+
 Router::Match Router::match(const std::string& method, const std::string& path, const std::string& action) const {
   Match m;
-  for (const auto& r : routes_) {
-    std::map<std::string, std::string> params;
-    if (!match_pattern(r.pattern, path, params)) continue;
+  std::vector<std::string_view> segments;
+  segments.reserve(8);
+  split_path(path, segments);
+  for (size_t i = 0; i < routes_.size(); ++i) {
+    const Route& r = routes_[i];
+    if (!segments_match(segments_[i], segments)) continue;
     if (r.method != method) {
       if (m.outcome == Outcome::not_found) m.outcome = Outcome::method_not_allowed;
       continue;
@@ -59,7 +76,7 @@ Router::Match Router::match(const std::string& method, const std::string& path, 
     if (r.action == action) {
       m.outcome = Outcome::found;
       m.route = &r;
-      m.params = std::move(params);
+      m.params = params_of(segments_[i], segments);
       m.actions.clear();
       return m;
     }

@@ -120,7 +120,7 @@ struct Route {
 
 class Router {
  public:
-  void add(Route route) { routes_.push_back(std::move(route)); }
+  void add(Route route);
   const std::vector<Route>& routes() const { return routes_; }
 
   enum class Outcome { found, not_found, method_not_allowed, unknown_action };
@@ -135,6 +135,8 @@ class Router {
 
  private:
   std::vector<Route> routes_;
+  // Each route's pattern split at '/', once: match() runs for every request against every route.
+  std::vector<std::vector<std::string>> segments_;
 };
 
 }  // namespace p11kms::api
