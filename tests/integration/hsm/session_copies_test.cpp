@@ -71,6 +71,15 @@ class SessionCopiesTest : public ::testing::Test {
   hsm::Bytes iv_ = hsm::Bytes(12, 7);
   hsm::Bytes aad_ = {'a', 'a', 'd'};
   hsm::Bytes message_ = {'h', 'e', 'l', 'l', 'o'};
+
+  // A new AES key that has been used once, so it has its one copy.
+  hsm::ObjectId used_aes_key(const std::string& label) {
+    auto id = copies_.new_object_id();
+    copies_.generate_aes_key(id, 32, label);
+    copies_.aes_gcm_encrypt(id, iv_, aad_, message_.data(), message_.size());
+    EXPECT_EQ(objects(pool_, id, false).size(), 1u);
+    return id;
+  }
 };
 
 TEST_F(SessionCopiesTest, AnOperationRunsOnAPrivateNonExtractableCopy) {
@@ -150,11 +159,7 @@ TEST_F(SessionCopiesTest, AKeyTheModuleWillNotCopyRunsOnItsTokenObject) {
 }
 
 TEST_F(SessionCopiesTest, DestroyTakesTheCopyWithTheKey) {
-  auto id = copies_.new_object_id();
-  copies_.generate_aes_key(id, 32, "p11kms/root/gone/v1");
-  copies_.aes_gcm_encrypt(id, iv_, aad_, message_.data(), message_.size());
-  ASSERT_EQ(objects(pool_, id, false).size(), 1u);
-
+  auto id = used_aes_key("p11kms/root/gone/v1");
   EXPECT_TRUE(copies_.destroy(id));
   EXPECT_TRUE(objects(pool_, id, true).empty());
   EXPECT_TRUE(objects(pool_, id, false).empty());
@@ -164,12 +169,8 @@ TEST_F(SessionCopiesTest, DestroyTakesTheCopyWithTheKey) {
 // Another instance deletes a key: this process's copy would outlive it (the store no longer
 // names the key, so nothing uses it). The sweeper's listing drops it.
 TEST_F(SessionCopiesTest, AListingDropsCopiesOfKeysDeletedElsewhere) {
-  auto kept = copies_.new_object_id();
-  auto deleted = copies_.new_object_id();
-  copies_.generate_aes_key(kept, 32, "p11kms/root/kept/v1");
-  copies_.generate_aes_key(deleted, 32, "p11kms/root/deleted/v1");
-  copies_.aes_gcm_encrypt(kept, iv_, aad_, message_.data(), message_.size());
-  copies_.aes_gcm_encrypt(deleted, iv_, aad_, message_.data(), message_.size());
+  auto kept = used_aes_key("p11kms/root/kept/v1");
+  auto deleted = used_aes_key("p11kms/root/deleted/v1");
   {  // deleted behind this Token's back, as another process would
     auto l = pool_.lease();
     for (CK_OBJECT_HANDLE h : objects(pool_, deleted, true)) l.check(l.fn()->C_DestroyObject(l.session(), h), "destroy");
@@ -186,10 +187,7 @@ TEST_F(SessionCopiesTest, AListingDropsCopiesOfKeysDeletedElsewhere) {
 // The sweeper's existence check looks the token object up afresh; it must not lose track of the
 // key's copy (an untracked copy would stay in the token's memory, and a second one be made).
 TEST_F(SessionCopiesTest, AnExistenceCheckKeepsTheOneCopy) {
-  auto id = copies_.new_object_id();
-  copies_.generate_aes_key(id, 32, "p11kms/root/checked/v1");
-  copies_.aes_gcm_encrypt(id, iv_, aad_, message_.data(), message_.size());
-  ASSERT_EQ(objects(pool_, id, false).size(), 1u);
+  auto id = used_aes_key("p11kms/root/checked/v1");
   EXPECT_TRUE(copies_.exists(id));
   copies_.aes_gcm_encrypt(id, iv_, aad_, message_.data(), message_.size());
   EXPECT_EQ(objects(pool_, id, false).size(), 1u);
