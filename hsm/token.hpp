@@ -77,7 +77,8 @@ struct ExportablePair {
 };
 
 // The template of a persistent secret key the service keeps (private, sensitive,
-// non-extractable, unmodifiable, only `usages` true), without a value: for C_UnwrapKey.
+// non-extractable, only `usages` true), without a value: for C_UnwrapKey. It leaves
+// CKA_MODIFIABLE out (SoftHSM's unwrap refuses it), so the object is modifiable by default.
 AttributeTemplate token_secret_template(CK_KEY_TYPE type, const ObjectId& id, const std::string& label,
                                         std::initializer_list<CK_ATTRIBUTE_TYPE> usages);
 // The same for a private key of `kind` (CKA_SIGN only).

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import p11kms_testlib as tl  # noqa: E402
 from p11kms_testlib import describe, unique_name  # noqa: E402
 import configured_server as cs  # noqa: E402
-from test_postgres_store import SOFTHSM_MODULE, Postgres  # noqa: E402
+from test_postgres_store import SOFTHSM_MODULE, Postgres, write_config  # noqa: E402
 
 # Lists [label, CKA_ID hex] of every object on the token, in its own /usr/bin/python3 so
 # SOFTHSM2_CONF applies before libsofthsm2 loads; an object whose attributes cannot be read (a
@@ -73,14 +73,7 @@ def two_instances(prefix, cluster_yaml):
     try:
         for name in ("a", "b"):
             port = cs.free_port()
-            path = os.path.join(root, name + ".yaml")
-            with open(path, "w") as f:
-                f.write("listen:\n  address: 127.0.0.1:%d\n"
-                        "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n  sessions: 4\n"
-                        "store:\n  driver: postgres\n  dsn: \"%s\"\n  password_file: %s\n"
-                        "auth:\n  tokens:\n    - {name: admin, token_sha256: %s, policies: [root]}\n%s"
-                        % (port, SOFTHSM_MODULE, token.label, pg.dsn, pg.password_file, cs.token_hash(api_token),
-                           cluster_yaml))
+            path = write_config(root, name, port, token, pg, api_token, sessions=4, extra_yaml=cluster_yaml)
             servers[name] = cs.ConfiguredServer(path, token.env(), token=api_token, port=port,
                                                 log_path=os.path.join(root, name + ".log")).start()
         yield {"servers": servers, "pg": pg, "token": token, "root": root}

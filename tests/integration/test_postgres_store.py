@@ -49,15 +49,16 @@ class Postgres:
         subprocess.run([PG_SCRATCH, "stop", self.dir], timeout=60)
 
 
-def write_config(root, name, port, token, pg, api_token, password_file=None):
+def write_config(root, name, port, token, pg, api_token, password_file=None, sessions=2, extra_yaml=""):
+    """An instance's config file on the shared token and PostgreSQL, plus `extra_yaml`."""
     path = os.path.join(root, name + ".yaml")
     with open(path, "w") as f:
         f.write("listen:\n  address: 127.0.0.1:%d\n"
-                "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n  sessions: 2\n"
+                "hsm:\n  module: %s\n  token_label: %s\n  pin_file: user.pin\n  sessions: %d\n"
                 "store:\n  driver: postgres\n  dsn: \"%s\"\n  password_file: %s\n"
-                "auth:\n  tokens:\n    - {name: admin, token_sha256: %s, policies: [root], namespaces: [\"*\"]}\n"
-                % (port, SOFTHSM_MODULE, token.label, pg.dsn, password_file or pg.password_file,
-                   cs.token_hash(api_token)))
+                "auth:\n  tokens:\n    - {name: admin, token_sha256: %s, policies: [root], namespaces: [\"*\"]}\n%s"
+                % (port, SOFTHSM_MODULE, token.label, sessions, pg.dsn, password_file or pg.password_file,
+                   cs.token_hash(api_token), extra_yaml))
     return path
 
 
