@@ -19,7 +19,6 @@
 // Every benchmark runs at 1 and 2 threads with real time, so items_per_second is the rate of
 // the whole process. Nothing here asserts anything.
 #include <benchmark/benchmark.h>
-#include <openssl/rand.h>
 #include <openssl/sha.h>
 
 #include <chrono>
@@ -27,6 +26,7 @@
 #include <memory>
 #include <stdexcept>
 
+#include "common/public_random.hpp"
 #include "hsm/attributes.hpp"
 #include "hsm/errors.hpp"
 #include "hsm/session_pool.hpp"
@@ -58,7 +58,7 @@ Fixture* g = nullptr;
 
 Bytes new_iv() {
   Bytes iv(12);
-  if (RAND_bytes(iv.data(), static_cast<int>(iv.size())) != 1) throw std::runtime_error("RAND_bytes failed");
+  p11kms::public_random::fill(iv.data(), iv.size());
   return iv;
 }
 

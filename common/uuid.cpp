@@ -1,16 +1,15 @@
 #include "common/uuid.hpp"
 
-#include <openssl/rand.h>
-
 #include <stdexcept>
 
 #include "common/encoding.hpp"
+#include "common/public_random.hpp"
 
 namespace p11kms::uuid {
 
 std::string new_v4() {
   unsigned char b[16];
-  if (RAND_bytes(b, sizeof b) != 1) throw std::runtime_error("random UUID generation failed");
+  public_random::fill(b, sizeof b);
   b[6] = (b[6] & 0x0f) | 0x40;  // version 4
   b[8] = (b[8] & 0x3f) | 0x80;  // RFC 4122 variant
   std::string h = encoding::hex_encode(b, sizeof b);

@@ -5,7 +5,8 @@
 
 namespace p11kms::uuid {
 
-// Lowercase 8-4-4-4-12 hex from OpenSSL's DRBG; throws std::runtime_error if it fails.
+// Lowercase 8-4-4-4-12 hex from OpenSSL's DRBG (common/public_random: an id is public, never a
+// secret); throws std::runtime_error if it fails.
 std::string new_v4();
 // Whether text has the 8-4-4-4-12 hex shape of a UUID (any version, either case).
 bool looks_like_uuid(const std::string& text);

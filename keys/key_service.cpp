@@ -3,7 +3,6 @@
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <openssl/rand.h>
 #include <openssl/x509.h>
 
 #include <cctype>
@@ -14,6 +13,7 @@
 
 #include "common/encoding.hpp"
 #include "common/log.hpp"
+#include "common/public_random.hpp"
 #include "common/uuid.hpp"
 #include "hsm/errors.hpp"
 #include "keys/digest.hpp"
@@ -117,8 +117,11 @@ hsm::Bytes token_hmac(hsm::Token& token, const hsm::KeyHandle& handle, CK_MECHAN
 std::vector<uint8_t> new_iv() {
   // The IV is public and only needs uniqueness; OpenSSL's DRBG saves a token round trip.
   std::vector<uint8_t> iv(12);
-  if (RAND_bytes(iv.data(), static_cast<int>(iv.size())) != 1)
+  try {
+    public_random::fill(iv.data(), iv.size());
+  } catch (const std::runtime_error&) {
     throw KeyError(ErrorKind::internal, "internal", "random IV generation failed");
+  }
   return iv;
 }
 
