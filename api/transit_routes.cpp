@@ -175,8 +175,10 @@ Reply single_or_batch(Context& ctx, keys::KeyService& ks, const ApiLimits& limit
   ks.validate_name(ref.name);
   json results = json::array();
   bool any_error = false, any_success = false;
+  auto in_token = ks.batch_scope();
   for (const auto& item : batch) {
     json result;
+    in_token.next_item();
     try {
       if (!item.is_object()) throw invalid("batch_input items must be JSON objects");
       FieldData f(&schema, item);

@@ -11,6 +11,7 @@
 
 #include "api/api_service.hpp"
 #include "app/config.hpp"
+#include "app/token_options.hpp"
 #include "app/keyring_cli.hpp"
 #include "app/store_open.hpp"
 #include "audit/audit_log.hpp"
@@ -320,7 +321,7 @@ int cmd_audit(const std::vector<std::string>& args) {
     pc.user_pin = read_pin(config.hsm);
     pc.sessions = 1;
     hsm::SessionPool pool(std::move(pc));
-    hsm::Token token(pool, hsm::TokenOptions{config.hsm.session_copies});
+    hsm::Token token(pool, token_options(config.hsm, pool));
     auto result = audit::verify_audit_files(files, token, *store, config.audit.chain);
     if (result.intact) {
       std::cout << "intact: " << result.lines << " lines" << std::endl;

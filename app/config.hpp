@@ -4,6 +4,7 @@
 
 #include <stdexcept>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,9 @@ struct Config {
     size_t sessions = 8;
     // Operations run on session copies of the keys in use (hsm::TokenOptions::session_copies).
     bool session_copies = true;
+    // One batch at a time into the module (hsm::TokenOptions::serialize_batches); unset: "auto",
+    // on for modules that serialize their calls anyway (SoftHSM).
+    std::optional<bool> serialize_batches;
   } hsm;
   struct Store {
     std::string driver = "sqlite";   // sqlite | postgres

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "app/config.hpp"
+#include "app/token_options.hpp"
 #include "app/keyring_cli.hpp"
 #include "app/store_open.hpp"
 #include "hsm/session_pool.hpp"
@@ -56,7 +57,7 @@ int cmd_keyring(const std::vector<std::string>& args) {
     pc.user_pin = read_pin(config.hsm);
     pc.sessions = 1;
     hsm::SessionPool pool(std::move(pc));
-    hsm::Token token(pool, hsm::TokenOptions{config.hsm.session_copies});
+    hsm::Token token(pool, token_options(config.hsm, pool));
     keys::KeyService keys(*store, token);
     keys::Keyring keyring(*store, keys, token, {});
     if (args[0] == "import-key") {

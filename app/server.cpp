@@ -1,5 +1,6 @@
 #include "app/server.hpp"
 #include "app/store_open.hpp"
+#include "app/token_options.hpp"
 #include "app/vault_kv.hpp"
 
 #include <signal.h>
@@ -82,7 +83,7 @@ int run_server(const Config& config, const std::string& banner) {
     std::cerr << "p11kms: cannot start: " << e.what() << std::endl;
     return 1;
   }
-  hsm::Token token(*pool, hsm::TokenOptions{config.hsm.session_copies});
+  hsm::Token token(*pool, token_options(config.hsm, *pool));
   keys::ServiceLimits kl;
   kl.max_key_name_length = config.max_key_name_length;
   const bool shared_store = config.store.driver == "postgres";

@@ -19,6 +19,9 @@ SessionPool::SessionPool(PoolConfig config) : config_(std::move(config)) {
   if (config_.sessions == 0) config_.sessions = 1;
   module_ = std::make_unique<Module>(config_.module);
   connect();
+  CK_INFO info{};
+  if (module_->fn()->C_GetInfo(&info) == CKR_OK)
+    library_manufacturer_ = trim_padded(info.manufacturerID, sizeof info.manufacturerID);
   std::lock_guard<std::mutex> lk(mu_);
   free_ = opened_;
   connected_ = true;

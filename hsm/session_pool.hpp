@@ -99,6 +99,8 @@ class SessionPool {
   // may answer). Never null.
   std::shared_ptr<const Capabilities> capabilities() const;
   const std::string& module_path() const { return module_->path(); }
+  // CK_INFO manufacturerID of the module ("SoftHSM"), read when the pool was made.
+  const std::string& library_manufacturer() const { return library_manufacturer_; }
   const std::string& token_label() const { return config_.token_label; }
   CK_SLOT_ID slot();
 
@@ -111,6 +113,7 @@ class SessionPool {
 
   PoolConfig config_;
   std::unique_ptr<Module> module_;
+  std::string library_manufacturer_;
   mutable std::mutex caps_mu_;
   std::shared_ptr<const Capabilities> capabilities_;  // guarded by caps_mu_
 

@@ -38,6 +38,10 @@ std::vector<CK_OBJECT_HANDLE> find_all(SessionPool::Lease& l, AttributeTemplate&
 
 }  // namespace
 
+bool serializes_calls_in_process(const std::string& library_manufacturer) {
+  return library_manufacturer.rfind("SoftHSM", 0) == 0;  // SoftHSM 2.x: "SoftHSM"
+}
+
 Bytes Token::random(size_t n) {
   Bytes out(n);
   if (n == 0) return out;

@@ -282,6 +282,8 @@ class KeyService {
   Health health();
 
   void validate_name(const std::string& name) const;
+  // Held for all the items of one batch request (hsm::Token::batch_scope).
+  hsm::BatchGate::Scope batch_scope() { return token_.batch_scope(); }
 
   // BYOK: when each key last served a client's cryptographic operation (every encrypt,
   // decrypt, rewrap, datakey, sign, hmac, wrap, unwrap and rewrap records here).

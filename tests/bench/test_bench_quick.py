@@ -107,6 +107,8 @@ COMPARISONS = {
     # Issue 5: operations on session copies of the keys (the default) vs on the token objects.
     "session copies: on vs off (operation)": (["encrypt 32 B", "decrypt 32 B", "hmac 32 B", "datakey 256",
                                                "sign ecdsa-p256"], "on", "off"),
+    # Issue 5: one batch at a time into SoftHSM (hsm.serialize_batches auto) vs batches meeting in it.
+    "batch gate: on vs off (operation)": (["batch encrypt 100", "batch encrypt 1000"], "on", "off"),
 }
 
 

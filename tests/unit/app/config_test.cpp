@@ -346,6 +346,18 @@ TEST(ParseConfig, SessionCopiesIsABoolean) {
   expect_config_error("hsm:\n  pin_file: /p\n  session_copies: [true]\n" + kAuth, "hsm.session_copies");
 }
 
+TEST(ParseConfig, SerializeBatchesIsAutoOrABoolean) {
+  auto parsed = [](const std::string& v) {
+    return app::parse_config("hsm:\n  pin_file: /p\n  serialize_batches: " + v + "\n" + kAuth, kBase).hsm.serialize_batches;
+  };
+  EXPECT_FALSE(app::parse_config("hsm:\n  pin_file: /p\n" + kAuth, kBase).hsm.serialize_batches.has_value());
+  EXPECT_FALSE(parsed("auto").has_value());
+  EXPECT_EQ(parsed("true"), std::optional<bool>(true));
+  EXPECT_EQ(parsed("false"), std::optional<bool>(false));
+  expect_config_error("hsm:\n  pin_file: /p\n  serialize_batches: sometimes\n" + kAuth, "hsm.serialize_batches");
+  expect_config_error("hsm:\n  pin_file: /p\n  serialize_batches: [auto]\n" + kAuth, "hsm.serialize_batches");
+}
+
 TEST(ParseConfig, BadIntegersRefusedNamingTheKey) {
   expect_config_error("hsm:\n  pin_file: /p\n  sessions: eight\n" + kAuth, "hsm.sessions");
   expect_config_error("hsm:\n  pin_file: /p\n  sessions: 8.5\n" + kAuth, "hsm.sessions");

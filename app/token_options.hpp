@@ -1,0 +1,14 @@
+// The hsm::TokenOptions a configuration asks for, resolved against the module it loaded.
+#pragma once
+
+#include "app/config.hpp"
+#include "hsm/session_pool.hpp"
+#include "hsm/token.hpp"
+
+namespace p11kms::app {
+
+// hsm.serialize_batches "auto" (unset) becomes what the module is known to need
+// (hsm::serializes_calls_in_process of its CK_INFO manufacturer).
+hsm::TokenOptions token_options(const Config::Hsm& config, const hsm::SessionPool& pool);
+
+}  // namespace p11kms::app

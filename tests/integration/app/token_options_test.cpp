@@ -1,0 +1,36 @@
+// app::token_options against a real SoftHSM token: hsm.serialize_batches "auto" follows what
+// the loaded module is known to need; an explicit value wins.
+#include "app/token_options.hpp"
+
+#include <gtest/gtest.h>
+
+#include "support/temp_token.hpp"
+
+using namespace p11kms;
+
+TEST(TokenOptions, AutoSerializesBatchesOnSoftHsm) {
+  test_support::TempToken temp;
+  hsm::SessionPool pool(temp.pool_config());
+  EXPECT_EQ(pool.library_manufacturer(), "SoftHSM");
+
+  app::Config::Hsm config;
+  config.session_copies = false;
+  auto automatic = app::token_options(config, pool);
+  EXPECT_TRUE(automatic.serialize_batches);
+  EXPECT_FALSE(automatic.session_copies);
+
+  config.serialize_batches = false;
+  EXPECT_FALSE(app::token_options(config, pool).serialize_batches);
+  config.serialize_batches = true;
+  config.session_copies = true;
+  auto forced = app::token_options(config, pool);
+  EXPECT_TRUE(forced.serialize_batches);
+  EXPECT_TRUE(forced.session_copies);
+}
+
+TEST(TokenOptions, OnlySoftHsmIsKnownToSerialize) {
+  EXPECT_TRUE(hsm::serializes_calls_in_process("SoftHSM"));
+  EXPECT_FALSE(hsm::serializes_calls_in_process("p11-kit"));
+  EXPECT_FALSE(hsm::serializes_calls_in_process("Thales"));
+  EXPECT_FALSE(hsm::serializes_calls_in_process(""));
+}
