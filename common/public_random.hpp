@@ -1,9 +1,10 @@
 // Random bytes for values that are published: AES-GCM nonces, request ids, record ids.
 //
-// OpenSSL's RAND_bytes costs ~0.55 us per call here, whatever the size up to a few KiB (the
-// DRBG reseeds its AES key and checks for a fork on every call); an encrypt request made
-// two such calls (its request id and its nonce) and a batch of 1,000 items 1,001. These come
-// from a per-thread block of DRBG output instead, drawn 4 KiB at a time.
+// OpenSSL 3.0's RAND_bytes costs ~0.55 us for 12 bytes here and 1.0-1.4 us for 4 KiB: most of a
+// small call is per-call setup (the profile shows a fork check through getpid, OSSL_PARAM
+// lookups, locks). An encrypt request made two such calls (its request id and its nonce) and a
+// batch of 1,000 items 1,001. These come from a per-thread block of DRBG output instead, drawn
+// 4 KiB at a time (docs/PERFORMANCE.md section 9).
 //
 // Only for values that are not secret: a block holds future values in process memory until
 // they are used. Keys, PINs and tokens take RAND_bytes (or the token) directly. A forked

@@ -29,7 +29,7 @@ class BatchGate {
   // Holds the gate for one batch, if it is on; a no-op scope otherwise.
   class Scope {
    public:
-    Scope(BatchGate* gate) : gate_(gate) {
+    explicit Scope(BatchGate* gate) : gate_(gate) {
       if (gate_) gate_->enter();
     }
     ~Scope() {

@@ -154,14 +154,35 @@ void Token::import_hmac_key(const ObjectId& id, const SecureBytes& value, const 
 template <typename Init>
 void Token::init_operation(SessionPool::Lease& l, const KeyHandle& key, Init&& init, const char* what) {
   for (int attempt = 0;; ++attempt) {
-    CK_RV rv = init(resolve(l, key));
+    CK_OBJECT_HANDLE h = resolve(l, key);
+    CK_RV rv = init(h);
     if (is_stale_handle(rv) && attempt == 0) {
       forget(key.id);
+      continue;
+    }
+    // p11kms picks the mechanism from the key's type and usage, so these codes mean the object
+    // is not the key it should be. A copy lives as long as the process: one made from a view of
+    // the token object that was wrong at that moment (another process was writing the token;
+    // seen once as CKR_KEY_TYPE_INCONSISTENT in test_cluster_crash) would fail every later
+    // operation. It is replaced by a fresh copy, once per operation.
+    if ((rv == CKR_KEY_TYPE_INCONSISTENT || rv == CKR_KEY_FUNCTION_NOT_PERMITTED) && attempt == 0 &&
+        drop_copy(l, key.id, h)) {
+      log::warn(std::string("hsm: ") + what + " refused the session copy of object " + encoding::hex_encode(key.id) +
+                " (" + rv_name(rv) + "); it is made again from the token object");
       continue;
     }
     l.check(rv, what);
     return;
   }
+}
+
+bool Token::drop_copy(SessionPool::Lease& l, const ObjectId& id, CK_OBJECT_HANDLE copy) {
+  std::lock_guard<std::mutex> lk(cache_mu_);
+  auto it = copies_.find(cache_key(id));
+  if (it == copies_.end() || it->second != copy) return false;
+  copies_.erase(it);
+  l.fn()->C_DestroyObject(l.session(), copy);
+  return true;
 }
 
 Bytes Token::hmac(const KeyHandle& key, CK_MECHANISM_TYPE mechanism, const uint8_t* data, size_t len) {

@@ -267,6 +267,8 @@ class Token {
   CK_OBJECT_HANDLE open_ephemeral(SessionPool::Lease& lease, const ObjectId& wrapping_key, const Bytes& rsa_part,
                                   CK_MECHANISM_TYPE oaep_hash);
   void forget(const ObjectId& id);
+  // Destroys `copy` if it is the session copy in use for `id`; false (nothing done) otherwise.
+  bool drop_copy(SessionPool::Lease& lease, const ObjectId& id, CK_OBJECT_HANDLE copy);
   // The handle to run an operation on for the token object `id`: its session copy when
   // options_.session_copies allows one, else the token object itself.
   CK_OBJECT_HANDLE copy_or_object(SessionPool::Lease& lease, const ObjectId& id);

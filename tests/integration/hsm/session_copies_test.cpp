@@ -158,6 +158,29 @@ TEST_F(SessionCopiesTest, AKeyTheModuleWillNotCopyRunsOnItsTokenObject) {
   EXPECT_TRUE(objects(pool_, id, false).empty());
 }
 
+// A copy that is not the key it should be (here: its CKA_ENCRYPT cleared behind the service's
+// back; in the field, a copy made from a wrong view of the token object) would fail every later
+// operation for the life of the process. The operation replaces it from the token object.
+TEST_F(SessionCopiesTest, ACopyTheModuleRefusesIsMadeAgain) {
+  auto id = used_aes_key("p11kms/root/spoilt/v1");
+  auto copy = objects(pool_, id, false);
+  ASSERT_EQ(copy.size(), 1u);
+  {
+    auto l = pool_.lease();
+    CK_BBOOL no = CK_FALSE;
+    CK_ATTRIBUTE a{CKA_ENCRYPT, &no, sizeof no};
+    ASSERT_EQ(l.fn()->C_SetAttributeValue(l.session(), copy[0], &a, 1), CKR_OK);
+  }
+  auto sealed = copies_.aes_gcm_encrypt(id, iv_, aad_, message_.data(), message_.size());
+  auto now = objects(pool_, id, false);
+  ASSERT_EQ(now.size(), 1u);  // the spoilt copy is gone, a new one serves
+  EXPECT_NE(now[0], copy[0]);
+  EXPECT_TRUE(bool_attr(pool_, now[0], CKA_ENCRYPT));
+  auto opened = plain_.aes_gcm_decrypt(id, iv_, aad_, sealed.data(), sealed.size());
+  ASSERT_TRUE(opened.has_value());
+  EXPECT_EQ(hsm::Bytes(opened->data(), opened->data() + opened->size()), message_);
+}
+
 TEST_F(SessionCopiesTest, DestroyTakesTheCopyWithTheKey) {
   auto id = used_aes_key("p11kms/root/gone/v1");
   EXPECT_TRUE(copies_.destroy(id));
