@@ -136,6 +136,41 @@ def test_instance_and_module_rows_have_positive_numbers_and_no_errors(run):
                     title, op, row["c"], row["errors"])
 
 
+def test_paired_rounds_give_each_ratio_against_the_floor_run_before_it(run):
+    """The targets' table: per round, an operation's run right after its own floor run. Every
+    round's ratio must be that round's H over that round's F, and the verdict must follow the
+    median (checked from the table's own numbers, so a wrong pairing or threshold fails)."""
+    proc, _ = run
+    found = {t[0][0]: t for t in tables(proc.stdout)}
+    title = "targets: paired (operation)"
+    assert title in found, "no table %r in:\n%s" % (title, proc.stdout)
+    header, rows = found[title]
+    by_op = {r[0]: dict(zip(header, r)) for r in rows}
+    for op in ["encrypt 32 B", "sign ecdsa-p256"]:
+        assert op in by_op, "no row %r in %r:\n%s" % (op, title, proc.stdout)
+        row = by_op[op]
+        fs = [number(x) for x in row["F req/s (rounds)"].split(" / ")]
+        hs = [number(x) for x in row["H req/s (rounds)"].split(" / ")]
+        ratios = [number(x) for x in row["H/F (rounds)"].split(" / ")]
+        assert fs and len(fs) == len(hs) == len(ratios), row
+        assert all(v is not None and v > 0 for v in fs + hs + ratios), row
+        for f, h, ratio in zip(fs, hs, ratios):
+            assert abs(100 * h / f - ratio) <= 1.0, (op, f, h, ratio)  # printed rounded
+        roof_median = number(row["H/roofline median"])
+        assert roof_median is not None and roof_median > 0, row
+        # (a median printed as 90% may be 89.6%: the verdict is only checked away from the line)
+        if abs(roof_median - 90) >= 1:
+            assert ("roofline yes" if roof_median >= 90 else "roofline no") in row["target met"], row
+        if op == "encrypt 32 B":  # symmetric: also judged against 80% of F
+            hf_median = number(row["H/F median"])
+            assert "F yes" in row["target met"] or "F no" in row["target met"], row
+            if abs(hf_median - 80) >= 1:
+                assert ("F yes" if hf_median >= 80 else "F no") in row["target met"], row
+        else:
+            assert "F " not in row["target met"], row
+        assert row["errors"] == "0", row
+
+
 def test_leaves_nothing_behind(run):
     _, tmp = run
     assert list(tmp.iterdir()) == [], "scripts/bench left %s" % list(tmp.iterdir())
