@@ -171,6 +171,21 @@ def test_paired_rounds_judge_each_rate_by_its_best_round(run):
         assert row["errors"] == "0", row
 
 
+def test_fresh_server_rss_is_read_after_the_request_counts_it_names(run):
+    """The memory target's row: a fresh server's RSS after its first N1 and after N2 encrypt
+    requests. wrk runs for a duration, so the script sizes its runs to reach the counts; the row
+    must name counts at or past the marks of --quick (20,000 and 60,000), the second larger."""
+    proc, _ = run
+    found = {t[0][0]: t for t in tables(proc.stdout)}
+    _, facts = found["memory and scale"]
+    rows = [(n, v) for n, v in facts if n.startswith("RSS of a fresh server after the first")]
+    assert len(rows) == 1, facts
+    name, value = rows[0]
+    counts = [int(x.replace(",", "")) for x in re.findall(r"\d[\d,]*", name)]
+    assert len(counts) == 2 and 20000 <= counts[0] < counts[1] and counts[1] >= 60000, name
+    assert re.fullmatch(r"[\d.]+ MiB / [\d.]+ MiB \([+-]\d+\.\d%\)", value), value
+
+
 def test_leaves_nothing_behind(run):
     _, tmp = run
     assert list(tmp.iterdir()) == [], "scripts/bench left %s" % list(tmp.iterdir())
