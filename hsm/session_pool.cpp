@@ -94,30 +94,110 @@ std::shared_ptr<const Capabilities> SessionPool::capabilities() const {
   return capabilities_;
 }
 
-SessionPool::Lease SessionPool::lease() {
-  std::unique_lock<std::mutex> lk(mu_);
+SessionPool::Lease SessionPool::lease() { return take(nullptr); }
+
+SessionPool::Lease SessionPool::lease_stream(const std::string& tag) { return take(&tag); }
+
+SessionPool::Lease SessionPool::take(const std::string* stream) {
   for (;;) {
-    if (refreshing_ && held_leases == 0) {
-      cv_.wait(lk, [&] { return !refreshing_; });
-      continue;
-    }
-    if (!connected_) {
-      if (!reconnecting_ && in_use_ == 0 && std::chrono::steady_clock::now() >= next_attempt_) {
-        try_reconnect(lk);
-        continue;
+    CK_SESSION_HANDLE s = 0;
+    uint64_t gen = 0;
+    bool active = false, ending = false;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      for (;;) {
+        if (refreshing_ && held_leases == 0) {
+          cv_.wait(lk, [&] { return !refreshing_; });
+          continue;
+        }
+        if (!connected_) {
+          if (!reconnecting_ && in_use_ == 0 && std::chrono::steady_clock::now() >= next_attempt_) {
+            try_reconnect(lk);
+            continue;
+          }
+          throw TokenUnavailable("HSM token '" + config_.token_label + "' is unavailable (" + last_error_ +
+                                 "); reconnecting");
+        }
+        if (!free_.empty()) break;
+        cv_.wait(lk, [&] { return !connected_ || !free_.empty(); });
       }
-      throw TokenUnavailable("HSM token '" + config_.token_label + "' is unavailable (" + last_error_ +
-                             "); reconnecting");
-    }
-    if (!free_.empty()) {
-      CK_SESSION_HANDLE s = free_.back();
-      free_.pop_back();
+      // The most recently released session that fits: the stream asked for, else one keeping
+      // no stream (streams of other keys stay for their next use), else the last one.
+      auto keeps = [&](CK_SESSION_HANDLE h) { return streams_.count(h) != 0; };
+      auto pick = free_.rend();
+      if (stream)
+        pick = std::find_if(free_.rbegin(), free_.rend(), [&](CK_SESSION_HANDLE h) {
+          auto it = streams_.find(h);
+          return it != streams_.end() && !it->second.ended && it->second.tag == *stream;
+        });
+      active = pick != free_.rend();
+      if (!active) pick = std::find_if(free_.rbegin(), free_.rend(), [&](CK_SESSION_HANDLE h) { return !keeps(h); });
+      if (pick == free_.rend()) pick = free_.rbegin();
+      s = *pick;
+      free_.erase(std::next(pick).base());
+      if (!active) ending = streams_.erase(s) != 0;
       ++in_use_;
       ++held_leases;
-      return Lease(this, s, generation_);
+      gen = generation_;
     }
-    cv_.wait(lk, [&] { return !connected_ || !free_.empty(); });
+    Lease l(this, s, gen);
+    l.stream_active_ = active;
+    if (!ending || end_stream(l)) return l;
+    // The stream would not end: the session is replaced when `l` goes; take another.
   }
+}
+
+bool SessionPool::end_stream(Lease& l) {
+  // ECB holds no partial block here (every update is whole blocks), so this returns nothing.
+  uint8_t rest[16];
+  CK_ULONG n = sizeof rest;
+  CK_RV rv = l.fn()->C_EncryptFinal(l.session(), rest, &n);
+  if (rv == CKR_OK) return true;
+  l.discard();
+  if (is_connection_failure(rv)) l.lost(rv, "C_EncryptFinal");
+  log::warn(std::string("hsm: C_EncryptFinal of a kept AES-ECB stream failed: ") + rv_name(rv) + "; session replaced");
+  return false;
+}
+
+void SessionPool::Lease::keep_stream(const std::string& tag) {
+  std::lock_guard<std::mutex> lk(pool_->mu_);
+  if (pool_->connected_ && generation_ == pool_->generation_) pool_->streams_[session_] = KeptStream{tag, false};
+  stream_active_ = true;
+}
+
+void SessionPool::end_streams(const std::string& prefix) {
+  std::vector<CK_SESSION_HANDLE> taken;
+  uint64_t gen = 0;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& [session, kept] : streams_) {
+      if (kept.tag.compare(0, prefix.size(), prefix) != 0) continue;
+      auto f = std::find(free_.begin(), free_.end(), session);
+      if (f == free_.end()) {
+        kept.ended = true;  // leased now: ended by the next take()
+        continue;
+      }
+      free_.erase(f);
+      taken.push_back(session);
+      ++in_use_;
+      ++held_leases;
+    }
+    for (auto session : taken) streams_.erase(session);
+    gen = generation_;
+  }
+  for (auto session : taken) {
+    Lease l(this, session, gen);
+    try {
+      end_stream(l);
+    } catch (const std::exception&) {
+      // The pool is disconnected now; the reconnect drops every session and stream.
+    }
+  }
+}
+
+size_t SessionPool::streams_kept() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return streams_.size();
 }
 
 void SessionPool::try_reconnect(std::unique_lock<std::mutex>& lk) {
@@ -133,6 +213,7 @@ void SessionPool::try_reconnect(std::unique_lock<std::mutex>& lk) {
   reconnecting_ = false;
   if (error.empty()) {
     free_ = opened_;
+    streams_.clear();
     connected_ = true;
     ++generation_;
     backoff_ = kMinBackoff;
@@ -157,6 +238,7 @@ void SessionPool::release(CK_SESSION_HANDLE s, uint64_t gen, bool broken, bool d
     module_->fn()->C_CloseSession(s);
     std::lock_guard<std::mutex> lk(mu_);
     --in_use_;
+    streams_.erase(s);
     std::replace(opened_.begin(), opened_.end(), s, rv == CKR_OK ? fresh : s);
     if (rv != CKR_OK) {
       opened_.erase(std::remove(opened_.begin(), opened_.end(), s), opened_.end());
@@ -218,6 +300,7 @@ void SessionPool::refresh_view(Lease& lease) {
       lease.generation_ = generation_;
       lease.broken_ = false;
       lease.discard_ = false;
+      lease.stream_active_ = false;  // a re-opened module's sessions run nothing
       break;
     }
     cv_.wait(lk, [&] { return !connected_ || !free_.empty() || generation_ == seen; });
@@ -266,7 +349,8 @@ CK_SLOT_ID SessionPool::slot() {
 }
 
 SessionPool::Lease::Lease(Lease&& o) noexcept
-    : pool_(o.pool_), session_(o.session_), generation_(o.generation_), broken_(o.broken_), discard_(o.discard_) {
+    : pool_(o.pool_), session_(o.session_), generation_(o.generation_), broken_(o.broken_), discard_(o.discard_),
+      stream_active_(o.stream_active_) {
   o.pool_ = nullptr;
 }
 

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "hsm/capabilities.hpp"
@@ -73,6 +74,13 @@ class SessionPool {
     // until C_Initialize. Waits (bounded) for the other leases to come back; if they do not,
     // or another caller re-opened it meanwhile, returns with the view that is there.
     void refresh_view();
+    // Whether the session still runs the AES-ECB encryption of the stream this lease was asked
+    // for (SessionPool::lease_stream), started by an earlier lease: then C_EncryptUpdate works
+    // at once. Otherwise the caller starts it and calls keep_stream.
+    bool stream_active() const { return stream_active_; }
+    // The session now runs `tag`'s AES-ECB encryption: it stays active when the lease ends, for
+    // the next lease_stream(tag). A discarded session takes it with it.
+    void keep_stream(const std::string& tag);
 
    private:
     friend class SessionPool;
@@ -83,10 +91,22 @@ class SessionPool {
     uint64_t generation_;
     bool broken_ = false;
     bool discard_ = false;
+    bool stream_active_ = false;
   };
 
-  // Waits for a free session; throws TokenUnavailable while the token cannot be reached.
+  // Waits for a free session; throws TokenUnavailable while the token cannot be reached. The
+  // session runs no operation: a stream it kept (lease_stream) is ended first, and sessions
+  // that keep none are preferred.
   Lease lease();
+  // A lease for keystream blocks of one key (Token's AES-GCM composed from AES-ECB, `tag` naming
+  // the key): a free session that still runs that key's AES-ECB encryption if there is one
+  // (Lease::stream_active), else one as lease() gives.
+  Lease lease_stream(const std::string& tag);
+  // Ends every kept stream whose tag starts with `prefix` (a key destroyed or its session object
+  // replaced): at once on free sessions, on leased ones when they are next leased. Never throws.
+  void end_streams(const std::string& prefix);
+  // How many sessions keep a stream now (tests, status).
+  size_t streams_kept();
 
   // Asks the token whether it answers (one C_GetSessionInfo), reconnecting when due.
   PoolStatus probe();
@@ -109,6 +129,10 @@ class SessionPool {
   void release(CK_SESSION_HANDLE s, uint64_t gen, bool broken, bool discard);
   void mark_broken(uint64_t gen, const std::string& why);
   void try_reconnect(std::unique_lock<std::mutex>& lk);
+  Lease take(const std::string* stream);
+  // C_EncryptFinal of the lease's kept stream; on failure the session is discarded (replaced on
+  // release) and false returned. Throws TokenUnavailable for a connection-class failure.
+  bool end_stream(Lease& lease);
   void refresh_view(Lease& lease);
 
   PoolConfig config_;
@@ -121,6 +145,13 @@ class SessionPool {
   std::condition_variable cv_;
   std::vector<CK_SESSION_HANDLE> free_;
   std::vector<CK_SESSION_HANDLE> opened_;  // filled by connect()
+  // Sessions that still run a key's AES-ECB encryption, by session; `ended` marks one to be
+  // ended when next leased (its key went while the session was out). Cleared on reconnect.
+  struct KeptStream {
+    std::string tag;
+    bool ended = false;
+  };
+  std::unordered_map<CK_SESSION_HANDLE, KeptStream> streams_;
   CK_SLOT_ID slot_ = 0;
   size_t in_use_ = 0;
   bool connected_ = false;

@@ -2,8 +2,9 @@
 
 #include "common/encoding.hpp"
 #include "common/log.hpp"
-#include "hsm/errors.hpp"
 #include "hsm/attributes.hpp"
+#include "hsm/composed_gcm.hpp"
+#include "hsm/errors.hpp"
 
 #include <algorithm>
 
@@ -182,6 +183,7 @@ bool Token::drop_copy(SessionPool::Lease& l, const ObjectId& id, CK_OBJECT_HANDL
   if (it == copies_.end() || it->second != copy) return false;
   copies_.erase(it);
   l.fn()->C_DestroyObject(l.session(), copy);
+  pool_.end_streams(cache_key(id));  // started on the copy refused now
   return true;
 }
 
@@ -255,10 +257,13 @@ std::optional<CK_OBJECT_HANDLE> Token::find_or_refresh(SessionPool::Lease& l, co
 }
 
 void Token::forget(const ObjectId& id) {
-  std::lock_guard<std::mutex> lk(cache_mu_);
-  cache_.erase(cache_key(id));
-  session_cache_.erase(cache_key(id));
-  copies_.erase(cache_key(id));
+  {
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    cache_.erase(cache_key(id));
+    session_cache_.erase(cache_key(id));
+    copies_.erase(cache_key(id));
+  }
+  pool_.end_streams(cache_key(id));  // a stream would keep the key's schedule in the module
 }
 
 void Token::sync_generation(const SessionPool::Lease& l) {
@@ -280,14 +285,18 @@ constexpr size_t kMaxSessionCopies = 1024;
 // token was seen present within this long; an outage fails operations (503) within it.
 constexpr auto kTokenPresenceRecheck = std::chrono::seconds(1);
 
-CK_OBJECT_HANDLE Token::copy_or_object(SessionPool::Lease& l, const ObjectId& id) {
-  if (!options_.session_copies) return handle(l, id);
+void Token::require_recently_present(SessionPool::Lease& l) {
   const int64_t now = std::chrono::steady_clock::now().time_since_epoch().count();
   if (now - present_at_ns_.load(std::memory_order_relaxed) >
       std::chrono::duration_cast<std::chrono::nanoseconds>(kTokenPresenceRecheck).count()) {
     l.require_token_present();  // TokenUnavailable: a 503, and the pool reconnects (dropping copies)
     present_at_ns_.store(now, std::memory_order_relaxed);
   }
+}
+
+CK_OBJECT_HANDLE Token::copy_or_object(SessionPool::Lease& l, const ObjectId& id) {
+  if (!options_.session_copies) return handle(l, id);
+  require_recently_present(l);
   const std::string k = cache_key(id);
   bool may_copy = false;
   auto cached = [&]() -> std::optional<CK_OBJECT_HANDLE> {
@@ -409,8 +418,9 @@ CK_OBJECT_HANDLE Token::derive(SessionPool::Lease& l, const KeyHandle& key) {
 }
 
 void Token::drop_session_objects(const ObjectId& prefix) {
-  auto l = pool_.lease();
   std::string p = cache_key(prefix);
+  pool_.end_streams(p);
+  auto l = pool_.lease();
   std::lock_guard<std::mutex> create_lock(load_mu_);
   std::lock_guard<std::mutex> lk(cache_mu_);
   if (cache_generation_ != l.generation()) return;  // they went with their sessions
@@ -424,8 +434,63 @@ void Token::drop_session_objects(const ObjectId& prefix) {
   }
 }
 
+std::optional<SecureBytes> Token::gcm_keystream(const KeyHandle& key, const Bytes& iv, size_t len) {
+  if (!options_.compose_gcm || iv.size() != 12 || len > kComposedGcmMaxBytes) return std::nullopt;
+  const std::string tag = cache_key(key.id);
+  {
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    if (no_ecb_.count(tag)) return std::nullopt;
+  }
+  const Bytes blocks = composed_gcm::counter_blocks(iv, len);
+  for (int attempt = 0;; ++attempt) {
+    auto l = pool_.lease_stream(tag);
+    require_recently_present(l);
+    if (!l.stream_active()) {
+      CK_MECHANISM ecb{CKM_AES_ECB, nullptr, 0};
+      try {
+        init_operation(l, key, [&](CK_OBJECT_HANDLE h) { return l.fn()->C_EncryptInit(l.session(), &ecb, h); },
+                       "C_EncryptInit");
+      } catch (const Pkcs11Error& e) {
+        // The module's answer for this key (SoftHSM: CKR_MECHANISM_INVALID when
+        // CKA_ALLOWED_MECHANISMS leaves AES-ECB out) is final: it runs CKM_AES_GCM from now on.
+        switch (e.rv()) {
+          case CKR_MECHANISM_INVALID:
+          case CKR_KEY_FUNCTION_NOT_PERMITTED:
+          case CKR_KEY_TYPE_INCONSISTENT:
+          case CKR_FUNCTION_NOT_SUPPORTED: {
+            std::lock_guard<std::mutex> lk(cache_mu_);
+            no_ecb_.insert(tag);
+            log::info("hsm: object " + encoding::hex_encode(key.id) + " runs AES-GCM in the token: the module will not run AES-ECB with it (" +
+                      rv_name(e.rv()) + ")");
+            return std::nullopt;
+          }
+          default:
+            throw;
+        }
+      }
+      l.keep_stream(tag);
+    }
+    SecureBytes out(blocks.size());
+    CK_ULONG out_len = out.size();
+    CK_RV rv = l.fn()->C_EncryptUpdate(l.session(), const_cast<uint8_t*>(blocks.data()), blocks.size(), out.data(), &out_len);
+    if (rv == CKR_OK && out_len == blocks.size()) return out;
+    l.discard();  // whatever state the operation is in, the session goes with it
+    // A module that ended the kept operation on its own: start it again, once.
+    if (rv == CKR_OPERATION_NOT_INITIALIZED && attempt == 0) continue;
+    l.check(rv, "C_EncryptUpdate");
+    throw Pkcs11Error("C_EncryptUpdate (AES-ECB returned a short result)", CKR_GENERAL_ERROR);
+  }
+}
+
 Bytes Token::aes_gcm_encrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                              const uint8_t* plaintext, size_t len) {
+  if (auto keystream = gcm_keystream(key, iv, len)) {
+    try {
+      return composed_gcm::seal(*keystream, iv, aad, plaintext, len);
+    } catch (const composed_gcm::Mismatch& e) {
+      log::error(std::string("hsm: composed AES-GCM failed (") + e.what() + "); running it in the token");
+    }
+  }
   CK_GCM_PARAMS params{const_cast<uint8_t*>(iv.data()), iv.size(), iv.size() * 8,
                        const_cast<uint8_t*>(aad.data()), aad.size(), 128};
   CK_MECHANISM mech{CKM_AES_GCM, &params, sizeof params};
@@ -447,6 +512,13 @@ Bytes Token::aes_gcm_encrypt(const KeyHandle& key, const Bytes& iv, const Bytes&
 std::optional<SecureBytes> Token::aes_gcm_decrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                                                   const uint8_t* ciphertext, size_t len) {
   if (len < 16) return std::nullopt;
+  if (auto keystream = gcm_keystream(key, iv, len - 16)) {
+    try {
+      return composed_gcm::open(*keystream, iv, aad, ciphertext, len);
+    } catch (const composed_gcm::Mismatch& e) {
+      log::error(std::string("hsm: composed AES-GCM failed (") + e.what() + "); running it in the token");
+    }
+  }
   CK_GCM_PARAMS params{const_cast<uint8_t*>(iv.data()), iv.size(), iv.size() * 8,
                        const_cast<uint8_t*>(aad.data()), aad.size(), 128};
   CK_MECHANISM mech{CKM_AES_GCM, &params, sizeof params};
@@ -571,6 +643,7 @@ void Token::drop_orphan_copies(SessionPool::Lease& l, const std::vector<ObjectIn
   std::unordered_set<std::string> ids;
   for (const auto& info : listed) ids.insert(cache_key(info.id));
   std::vector<CK_OBJECT_HANDLE> orphans;
+  std::vector<std::string> orphan_ids;
   {
     std::lock_guard<std::mutex> create_lock(copy_mu_);
     std::lock_guard<std::mutex> lk(cache_mu_);
@@ -580,11 +653,13 @@ void Token::drop_orphan_copies(SessionPool::Lease& l, const std::vector<ObjectIn
         ++it;
       } else {
         orphans.push_back(it->second);
+        orphan_ids.push_back(it->first);
         it = copies_.erase(it);
       }
     }
   }
   for (CK_OBJECT_HANDLE h : orphans) l.fn()->C_DestroyObject(l.session(), h);
+  for (const auto& id : orphan_ids) pool_.end_streams(id);
 }
 
 }  // namespace p11kms::hsm

@@ -114,7 +114,19 @@ struct TokenOptions {
   // Let one batch at a time into the module (hsm/batch_gate.hpp), for modules that serialize
   // their calls inside a process anyway (serializes_calls_in_process).
   bool serialize_batches = false;
+  // AES-GCM with a 96-bit IV (up to kComposedGcmMaxBytes) composed from the token's AES-ECB
+  // (hsm/composed_gcm.hpp): each key keeps a CKM_AES_ECB encryption active on the sessions that
+  // used it last, so a message costs one C_EncryptUpdate of its counter blocks, and the CTR
+  // XOR and GHASH run in this process. On SoftHSM a C_EncryptInit on a private key object costs
+  // several times the cipher (docs/PERFORMANCE.md section 11). The key never leaves the token;
+  // what does is in docs/OPERATIONS.md section 12. Keys the module will not run AES-ECB with
+  // (CKA_ALLOWED_MECHANISMS, a module without it) use CKM_AES_GCM as before.
+  bool compose_gcm = false;
 };
+
+// Longer messages run CKM_AES_GCM in the token: its init is paid once per message, and the
+// counter blocks would need as much memory again.
+constexpr size_t kComposedGcmMaxBytes = 16 * 1024;
 
 // Whether a module, known by its CK_INFO manufacturerID, serializes its calls within one
 // process, so that two threads gain nothing over one and lose to meeting on its locks. True
@@ -170,7 +182,8 @@ class Token {
   Bytes sign(const KeyHandle& key, CK_MECHANISM_TYPE mechanism, void* params, size_t params_len,
              const uint8_t* data, size_t len);
 
-  // AES-GCM with a 128-bit tag; returns ciphertext || tag.
+  // AES-GCM with a 128-bit tag; returns ciphertext || tag. Composed from AES-ECB when
+  // TokenOptions::compose_gcm allows (the same bytes either way).
   Bytes aes_gcm_encrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                         const uint8_t* plaintext, size_t len);
   // nullopt when the tag does not verify (or the data is not a GCM ciphertext).
@@ -267,6 +280,13 @@ class Token {
   CK_OBJECT_HANDLE open_ephemeral(SessionPool::Lease& lease, const ObjectId& wrapping_key, const Bytes& rsa_part,
                                   CK_MECHANISM_TYPE oaep_hash);
   void forget(const ObjectId& id);
+  // The AES-ECB encryption of counter_blocks (hsm/composed_gcm.hpp) on a session that keeps the
+  // key's AES-ECB operation; nullopt when composing does not apply (option off, an IV not of 96
+  // bits, a long message, a key the module will not run AES-ECB with).
+  std::optional<SecureBytes> gcm_keystream(const KeyHandle& key, const Bytes& iv, size_t len);
+  // Throws TokenUnavailable unless the token was seen present within kTokenPresenceRecheck:
+  // session copies and kept streams outlive a token that went away.
+  void require_recently_present(SessionPool::Lease& lease);
   // Destroys `copy` if it is the session copy in use for `id`; false (nothing done) otherwise.
   bool drop_copy(SessionPool::Lease& lease, const ObjectId& id, CK_OBJECT_HANDLE copy);
   // The handle to run an operation on for the token object `id`: its session copy when
@@ -289,6 +309,7 @@ class Token {
   std::mutex copy_mu_;
   std::unordered_map<std::string, CK_OBJECT_HANDLE> copies_;  // by CKA_ID (guarded by cache_mu_)
   std::unordered_set<std::string> not_copyable_;  // ids the module would not copy (cache_mu_)
+  std::unordered_set<std::string> no_ecb_;  // ids the module would not run AES-ECB with (cache_mu_)
   std::atomic<int64_t> present_at_ns_{0};  // when copy_or_object last saw the token present (steady, ns)
   // Ids still missing after a refresh, and when (guarded by cache_mu_).
   std::unordered_map<std::string, std::chrono::steady_clock::time_point> confirmed_missing_;
