@@ -32,7 +32,7 @@ const std::map<std::string, std::set<std::string>>& known_keys() {
       {"", {"listen", "hsm", "store", "auth", "policies", "audit", "keyring", "jwks", "byok", "limits", "cluster"}},
       {"listen", {"address", "tls", "threads"}},
       {"listen.tls", {"cert_file", "key_file", "client_ca_file"}},
-      {"hsm", {"module", "token_label", "pin_file", "pin_env", "sessions", "session_copies", "serialize_batches"}},
+      {"hsm", {"module", "token_label", "pin_file", "pin_env", "sessions", "session_copies", "serialize_batches", "compose_gcm"}},
       {"store", {"driver", "path", "dsn", "password_file"}},
       {"auth", {"tokens"}},
       {"auth.tokens[]", {"name", "token_sha256", "policies", "namespaces", "expires", "cert_sha256"}},
@@ -67,6 +67,14 @@ bool boolean(const YAML::Node& n, const std::string& key) {
   if (!n.IsScalar()) fail(key, "must be true or false");
   std::string v = n.as<std::string>();
   if (v != "true" && v != "false") fail(key, "must be true or false");
+  return v == "true";
+}
+
+// auto | true | false; auto (nullopt) is resolved against the module at start.
+std::optional<bool> auto_boolean(const YAML::Node& n, const std::string& key) {
+  std::string v = n.IsScalar() ? n.as<std::string>() : "";
+  if (v != "auto" && v != "true" && v != "false") fail(key, "must be auto, true or false");
+  if (v == "auto") return std::nullopt;
   return v == "true";
 }
 
@@ -273,11 +281,8 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
     }
     if (h["sessions"]) c.hsm.sessions = static_cast<size_t>(integer(h["sessions"], "hsm.sessions", 1, 1024));
     if (h["session_copies"]) c.hsm.session_copies = boolean(h["session_copies"], "hsm.session_copies");
-    if (const auto& n = h["serialize_batches"]) {
-      std::string v = n.IsScalar() ? n.as<std::string>() : "";
-      if (v != "auto" && v != "true" && v != "false") fail("hsm.serialize_batches", "must be auto, true or false");
-      if (v != "auto") c.hsm.serialize_batches = v == "true";
-    }
+    if (h["serialize_batches"]) c.hsm.serialize_batches = auto_boolean(h["serialize_batches"], "hsm.serialize_batches");
+    if (h["compose_gcm"]) c.hsm.compose_gcm = auto_boolean(h["compose_gcm"], "hsm.compose_gcm");
   }
   if (!c.hsm.pin_file.empty() && !c.hsm.pin_env.empty()) fail("hsm", "set pin_file or pin_env, not both");
   if (c.hsm.pin_file.empty() && c.hsm.pin_env.empty()) fail("hsm", "pin_file or pin_env is required (the token's user PIN)");

@@ -37,6 +37,9 @@ struct Config {
     // One batch at a time into the module (hsm::TokenOptions::serialize_batches); unset: "auto",
     // on for modules that serialize their calls anyway (SoftHSM).
     std::optional<bool> serialize_batches;
+    // AES-GCM composed from the token's AES-ECB (hsm::TokenOptions::compose_gcm); unset: "auto",
+    // on for modules that serialize their calls anyway (SoftHSM) and offer CKM_AES_ECB.
+    std::optional<bool> compose_gcm;
   } hsm;
   struct Store {
     std::string driver = "sqlite";   // sqlite | postgres

@@ -7,8 +7,9 @@
 
 namespace p11kms::app {
 
-// hsm.serialize_batches "auto" (unset) becomes what the module is known to need
-// (hsm::serializes_calls_in_process of its CK_INFO manufacturer).
+// hsm.serialize_batches and hsm.compose_gcm "auto" (unset) become what the module is known to
+// need (hsm::serializes_calls_in_process of its CK_INFO manufacturer; for compose_gcm also
+// CKM_AES_ECB offered for encryption).
 hsm::TokenOptions token_options(const Config::Hsm& config, const hsm::SessionPool& pool);
 
 }  // namespace p11kms::app

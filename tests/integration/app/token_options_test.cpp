@@ -1,5 +1,5 @@
-// app::token_options against a real SoftHSM token: hsm.serialize_batches "auto" follows what
-// the loaded module is known to need; an explicit value wins.
+// app::token_options against a real SoftHSM token: hsm.serialize_batches and hsm.compose_gcm
+// "auto" follow what the loaded module is known to need and can do; an explicit value wins.
 #include "app/token_options.hpp"
 
 #include <gtest/gtest.h>
@@ -26,6 +26,19 @@ TEST(TokenOptions, AutoSerializesBatchesOnSoftHsm) {
   auto forced = app::token_options(config, pool);
   EXPECT_TRUE(forced.serialize_batches);
   EXPECT_TRUE(forced.session_copies);
+}
+
+TEST(TokenOptions, AutoComposesGcmOnSoftHsmWhichOffersAesEcb) {
+  test_support::TempToken temp;
+  hsm::SessionPool pool(temp.pool_config());
+  ASSERT_TRUE(pool.capabilities()->has(CKM_AES_ECB, CKF_ENCRYPT));
+
+  app::Config::Hsm config;
+  EXPECT_TRUE(app::token_options(config, pool).compose_gcm);
+  config.compose_gcm = false;
+  EXPECT_FALSE(app::token_options(config, pool).compose_gcm);
+  config.compose_gcm = true;
+  EXPECT_TRUE(app::token_options(config, pool).compose_gcm);
 }
 
 TEST(TokenOptions, OnlySoftHsmIsKnownToSerialize) {

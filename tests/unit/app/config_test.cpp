@@ -358,6 +358,18 @@ TEST(ParseConfig, SerializeBatchesIsAutoOrABoolean) {
   expect_config_error("hsm:\n  pin_file: /p\n  serialize_batches: [auto]\n" + kAuth, "hsm.serialize_batches");
 }
 
+TEST(ParseConfig, ComposeGcmIsAutoOrABoolean) {
+  auto parsed = [](const std::string& v) {
+    return app::parse_config("hsm:\n  pin_file: /p\n  compose_gcm: " + v + "\n" + kAuth, kBase).hsm.compose_gcm;
+  };
+  EXPECT_FALSE(app::parse_config("hsm:\n  pin_file: /p\n" + kAuth, kBase).hsm.compose_gcm.has_value());
+  EXPECT_FALSE(parsed("auto").has_value());
+  EXPECT_EQ(parsed("true"), std::optional<bool>(true));
+  EXPECT_EQ(parsed("false"), std::optional<bool>(false));
+  expect_config_error("hsm:\n  pin_file: /p\n  compose_gcm: maybe\n" + kAuth, "hsm.compose_gcm");
+  expect_config_error("hsm:\n  pin_file: /p\n  compose_gcm: {on: true}\n" + kAuth, "hsm.compose_gcm");
+}
+
 TEST(ParseConfig, BadIntegersRefusedNamingTheKey) {
   expect_config_error("hsm:\n  pin_file: /p\n  sessions: eight\n" + kAuth, "hsm.sessions");
   expect_config_error("hsm:\n  pin_file: /p\n  sessions: 8.5\n" + kAuth, "hsm.sessions");
