@@ -3,18 +3,20 @@
 // (hsm::Token::generate_aes_key). scripts/bench runs this and reads its JSON output.
 //
 //   token/*     what the service does per request, through hsm::Token as the server configures
-//               it (session copies on: hsm::TokenOptions; session lease, handle and copy
-//               caches, C_*Init + C_*), 32-byte payloads, IVs from OpenSSL as keys/ draws them;
+//               it by default (app::token_options of a default config: session copies on,
+//               and on SoftHSM AES-GCM composed from a kept AES-ECB operation; session lease,
+//               handle and copy caches), 32-byte payloads, IVs from OpenSSL as keys/ draws them;
 //               the signatures as keys/ makes them: HMAC-SHA-256 with a 64-byte token HMAC key,
 //               ECDSA P-256 over a SHA-256 digest computed in the process (CKM_ECDSA), Ed25519
 //               over the message (CKM_EDDSA), RSA-2048 PSS over a SHA-256 digest
 //               (CKM_RSA_PKCS_PSS, Vault's default signature_algorithm).
-//   analysis/*  the same AES-GCM encrypt as raw PKCS#11 calls, timed per call (counters
+//   analysis/*  AES-GCM encrypt in the token (CKM_AES_GCM, what the service runs with
+//               hsm.compose_gcm false) as raw PKCS#11 calls, timed per call (counters
 //               init_us = C_EncryptInit, op_us = C_Encrypt), on three AES-256 objects: the
-//               service's token object (what it ran on before session copies, and still runs on
-//               with hsm.session_copies false), its private session copy (C_CopyObject, what the
-//               service runs on), and a non-private session key (no p11kms key can be one: a
-//               copy cannot drop CKA_PRIVATE).
+//               service's token object (what it runs on with hsm.session_copies false), its
+//               private session copy (C_CopyObject, what it runs on by default), and a
+//               non-private session key (no p11kms key can be one: a copy cannot drop
+//               CKA_PRIVATE).
 //
 // Every benchmark runs at 1 and 2 threads with real time, so items_per_second is the rate of
 // the whole process. Nothing here asserts anything.
@@ -26,6 +28,7 @@
 #include <memory>
 #include <stdexcept>
 
+#include "app/token_options.hpp"
 #include "common/public_random.hpp"
 #include "hsm/attributes.hpp"
 #include "hsm/errors.hpp"
@@ -117,7 +120,7 @@ void setup() {
   g = new Fixture;
   g->temp = std::make_unique<p11kms::test_support::TempToken>("p11kms-bench");
   g->pool = std::make_unique<SessionPool>(g->temp->pool_config(kSessions));
-  g->token = std::make_unique<Token>(*g->pool, p11kms::hsm::TokenOptions{true});  // as the server runs
+  g->token = std::make_unique<Token>(*g->pool, p11kms::app::token_options(p11kms::app::Config::Hsm{}, *g->pool));
   g->key = g->token->new_object_id();
   g->token->generate_aes_key(g->key, 32, "p11kms/root/bench/v1");
   g->hmac_key = g->token->new_object_id();
