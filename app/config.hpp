@@ -35,7 +35,7 @@ struct Config {
     // Operations run on session copies of the keys in use (hsm::TokenOptions::session_copies).
     bool session_copies = true;
     // One batch at a time into the module (hsm::TokenOptions::serialize_batches); unset: "auto",
-    // on for modules that serialize their calls anyway (SoftHSM).
+    // on for modules that serialize their calls anyway (SoftHSM) unless AES-GCM is composed.
     std::optional<bool> serialize_batches;
     // AES-GCM composed from the token's AES-ECB (hsm::TokenOptions::compose_gcm); unset: "auto",
     // on for modules that serialize their calls anyway (SoftHSM) and offer CKM_AES_ECB.

@@ -7,9 +7,10 @@
 
 namespace p11kms::app {
 
-// hsm.serialize_batches and hsm.compose_gcm "auto" (unset) become what the module is known to
-// need (hsm::serializes_calls_in_process of its CK_INFO manufacturer; for compose_gcm also
-// CKM_AES_ECB offered for encryption).
+// hsm.compose_gcm and hsm.serialize_batches "auto" (unset) become what the module is known to
+// need: compose_gcm for a module that serializes its calls in a process
+// (hsm::serializes_calls_in_process of its CK_INFO manufacturer) and offers CKM_AES_ECB for
+// encryption; serialize_batches for such a module when AES-GCM is not composed.
 hsm::TokenOptions token_options(const Config::Hsm& config, const hsm::SessionPool& pool);
 
 }  // namespace p11kms::app

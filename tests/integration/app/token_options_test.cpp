@@ -15,9 +15,12 @@ TEST(TokenOptions, AutoSerializesBatchesOnSoftHsm) {
 
   app::Config::Hsm config;
   config.session_copies = false;
+  config.compose_gcm = false;  // an item's C_EncryptInit holds SoftHSM's locks: gate batches
   auto automatic = app::token_options(config, pool);
   EXPECT_TRUE(automatic.serialize_batches);
   EXPECT_FALSE(automatic.session_copies);
+  config.compose_gcm.reset();  // auto: composed on SoftHSM, and then no gate
+  EXPECT_FALSE(app::token_options(config, pool).serialize_batches);
 
   config.serialize_batches = false;
   EXPECT_FALSE(app::token_options(config, pool).serialize_batches);
