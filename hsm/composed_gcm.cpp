@@ -84,10 +84,16 @@ Bytes seal(const SecureBytes& encrypted, const Bytes& iv, const Bytes& aad, cons
   Feed feed{in.data(), encrypted.data(), in.size() / kBlock};
   Context ctx = start(feed, iv, aad);
   Bytes out(len + kTag);
-  if (len && CRYPTO_gcm128_encrypt(ctx.get(), plaintext, out.data(), len) != 0)
-    throw Mismatch("GCM128 refused the plaintext");
-  CRYPTO_gcm128_tag(ctx.get(), out.data() + len, kTag);
-  require_all_used(feed);
+  try {
+    if (len && CRYPTO_gcm128_encrypt(ctx.get(), plaintext, out.data(), len) != 0)
+      throw Mismatch("GCM128 refused the plaintext");
+    CRYPTO_gcm128_tag(ctx.get(), out.data() + len, kTag);
+    require_all_used(feed);
+  } catch (...) {
+    // Blocks not handed out are zeros, so `out` may hold plaintext.
+    OPENSSL_cleanse(out.data(), out.size());
+    throw;
+  }
   return out;
 }
 

@@ -98,11 +98,31 @@ SessionPool::Lease SessionPool::lease() { return take(nullptr); }
 
 SessionPool::Lease SessionPool::lease_stream(const std::string& tag) { return take(&tag); }
 
+CK_SESSION_HANDLE SessionPool::pick_free(const std::string* stream, bool& active, bool& ending) {
+  // The most recently released session that fits: the stream asked for, else one keeping no
+  // stream (streams of other keys stay for their next use), else the last one.
+  auto keeps = [&](CK_SESSION_HANDLE h) { return streams_.count(h) != 0; };
+  auto pick = free_.rend();
+  if (stream)
+    pick = std::find_if(free_.rbegin(), free_.rend(), [&](CK_SESSION_HANDLE h) {
+      auto it = streams_.find(h);
+      return it != streams_.end() && !it->second.ended && it->second.tag == *stream;
+    });
+  active = pick != free_.rend();
+  if (!active) pick = std::find_if(free_.rbegin(), free_.rend(), [&](CK_SESSION_HANDLE h) { return !keeps(h); });
+  if (pick == free_.rend()) pick = free_.rbegin();
+  CK_SESSION_HANDLE s = *pick;
+  free_.erase(std::next(pick).base());
+  ending = !active && streams_.erase(s) != 0;
+  return s;
+}
+
 SessionPool::Lease SessionPool::take(const std::string* stream) {
   for (;;) {
     CK_SESSION_HANDLE s = 0;
     uint64_t gen = 0;
     bool active = false, ending = false;
+    uint64_t epoch = 0;
     {
       std::unique_lock<std::mutex> lk(mu_);
       for (;;) {
@@ -121,27 +141,15 @@ SessionPool::Lease SessionPool::take(const std::string* stream) {
         if (!free_.empty()) break;
         cv_.wait(lk, [&] { return !connected_ || !free_.empty(); });
       }
-      // The most recently released session that fits: the stream asked for, else one keeping
-      // no stream (streams of other keys stay for their next use), else the last one.
-      auto keeps = [&](CK_SESSION_HANDLE h) { return streams_.count(h) != 0; };
-      auto pick = free_.rend();
-      if (stream)
-        pick = std::find_if(free_.rbegin(), free_.rend(), [&](CK_SESSION_HANDLE h) {
-          auto it = streams_.find(h);
-          return it != streams_.end() && !it->second.ended && it->second.tag == *stream;
-        });
-      active = pick != free_.rend();
-      if (!active) pick = std::find_if(free_.rbegin(), free_.rend(), [&](CK_SESSION_HANDLE h) { return !keeps(h); });
-      if (pick == free_.rend()) pick = free_.rbegin();
-      s = *pick;
-      free_.erase(std::next(pick).base());
-      if (!active) ending = streams_.erase(s) != 0;
+      s = pick_free(stream, active, ending);
       ++in_use_;
       ++held_leases;
       gen = generation_;
+      epoch = stream_epoch_;
     }
     Lease l(this, s, gen);
     l.stream_active_ = active;
+    l.stream_epoch_ = epoch;
     if (!ending || end_stream(l)) return l;
     // The stream would not end: the session is replaced when `l` goes; take another.
   }
@@ -161,7 +169,10 @@ bool SessionPool::end_stream(Lease& l) {
 
 void SessionPool::Lease::keep_stream(const std::string& tag) {
   std::lock_guard<std::mutex> lk(pool_->mu_);
-  if (pool_->connected_ && generation_ == pool_->generation_) pool_->streams_[session_] = KeptStream{tag, false};
+  // An end_streams since this lease was taken may have been for this key (destroyed while its
+  // stream was being started): the stream then serves this lease only and ends at release.
+  if (pool_->connected_ && generation_ == pool_->generation_)
+    pool_->streams_[session_] = KeptStream{tag, stream_epoch_ != pool_->stream_epoch_};
   stream_active_ = true;
 }
 
@@ -174,7 +185,7 @@ void SessionPool::end_streams(const std::string& prefix) {
       if (kept.tag.compare(0, prefix.size(), prefix) != 0) continue;
       auto f = std::find(free_.begin(), free_.end(), session);
       if (f == free_.end()) {
-        kept.ended = true;  // leased now: ended by the next take()
+        kept.ended = true;  // leased now: ended when its lease is released
         continue;
       }
       free_.erase(f);
@@ -183,6 +194,7 @@ void SessionPool::end_streams(const std::string& prefix) {
       ++held_leases;
     }
     for (auto session : taken) streams_.erase(session);
+    ++stream_epoch_;
     gen = generation_;
   }
   for (auto session : taken) {
@@ -230,6 +242,29 @@ void SessionPool::try_reconnect(std::unique_lock<std::mutex>& lk) {
 
 void SessionPool::release(CK_SESSION_HANDLE s, uint64_t gen, bool broken, bool discard) {
   --held_leases;
+  if (!discard && !broken) {
+    std::unique_lock<std::mutex> lk(mu_);
+    auto it = streams_.find(s);
+    if (it == streams_.end() || !it->second.ended) {
+      --in_use_;
+      if (connected_ && gen == generation_) free_.push_back(s);
+      cv_.notify_all();
+      return;
+    }
+    // A stream whose key went while the session was out: ended before anyone else gets it.
+    streams_.erase(it);
+    lk.unlock();
+    uint8_t rest[16];
+    CK_ULONG n = sizeof rest;
+    if (module_->fn()->C_EncryptFinal(s, rest, &n) == CKR_OK) {
+      lk.lock();
+      --in_use_;
+      if (connected_ && gen == generation_) free_.push_back(s);
+      cv_.notify_all();
+      return;
+    }
+    discard = true;
+  }
   if (discard && !broken) {
     // Open the replacement before closing the old one: closing a process's last session
     // would log it out.
@@ -263,6 +298,7 @@ void SessionPool::release(CK_SESSION_HANDLE s, uint64_t gen, bool broken, bool d
 void SessionPool::refresh_view(Lease& lease) {
   std::unique_lock<std::mutex> lk(mu_);
   const uint64_t seen = lease.generation_;
+  bool ending = false;
   // Park the lease: its session is given back to no one, since a re-open invalidates it.
   --in_use_;
   --held_leases;
@@ -295,18 +331,22 @@ void SessionPool::refresh_view(Lease& lease) {
                              "); reconnecting");
     }
     if (!free_.empty()) {
-      lease.session_ = free_.back();
-      free_.pop_back();
+      bool active = false;
+      lease.session_ = pick_free(nullptr, active, ending);  // another lease may have kept a stream on it
       lease.generation_ = generation_;
       lease.broken_ = false;
       lease.discard_ = false;
-      lease.stream_active_ = false;  // a re-opened module's sessions run nothing
+      lease.stream_active_ = false;
+      lease.stream_epoch_ = stream_epoch_;
       break;
     }
     cv_.wait(lk, [&] { return !connected_ || !free_.empty() || generation_ == seen; });
   }
   ++in_use_;
   ++held_leases;
+  lk.unlock();
+  if (ending && !end_stream(lease))
+    throw Pkcs11Error("C_EncryptFinal (ending a kept AES-ECB stream; the session is replaced)", CKR_GENERAL_ERROR);
 }
 
 void SessionPool::Lease::refresh_view() { pool_->refresh_view(*this); }
@@ -350,7 +390,7 @@ CK_SLOT_ID SessionPool::slot() {
 
 SessionPool::Lease::Lease(Lease&& o) noexcept
     : pool_(o.pool_), session_(o.session_), generation_(o.generation_), broken_(o.broken_), discard_(o.discard_),
-      stream_active_(o.stream_active_) {
+      stream_active_(o.stream_active_), stream_epoch_(o.stream_epoch_) {
   o.pool_ = nullptr;
 }
 

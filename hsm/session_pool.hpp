@@ -92,6 +92,7 @@ class SessionPool {
     bool broken_ = false;
     bool discard_ = false;
     bool stream_active_ = false;
+    uint64_t stream_epoch_ = 0;  // SessionPool::stream_epoch_ when taken
   };
 
   // Waits for a free session; throws TokenUnavailable while the token cannot be reached. The
@@ -103,7 +104,8 @@ class SessionPool {
   // (Lease::stream_active), else one as lease() gives.
   Lease lease_stream(const std::string& tag);
   // Ends every kept stream whose tag starts with `prefix` (a key destroyed or its session object
-  // replaced): at once on free sessions, on leased ones when they are next leased. Never throws.
+  // replaced): at once on free sessions, on leased ones when their lease is released (also
+  // streams being started by leases taken before this call). Never throws.
   void end_streams(const std::string& prefix);
   // How many sessions keep a stream now (tests, status).
   size_t streams_kept();
@@ -130,6 +132,9 @@ class SessionPool {
   void mark_broken(uint64_t gen, const std::string& why);
   void try_reconnect(std::unique_lock<std::mutex>& lk);
   Lease take(const std::string* stream);
+  // Under mu_: removes and returns the free session a lease should get (see take); `active`:
+  // it runs `*stream`'s stream; `ending`: it kept another stream, to be ended before use.
+  CK_SESSION_HANDLE pick_free(const std::string* stream, bool& active, bool& ending);
   // C_EncryptFinal of the lease's kept stream; on failure the session is discarded (replaced on
   // release) and false returned. Throws TokenUnavailable for a connection-class failure.
   bool end_stream(Lease& lease);
@@ -152,6 +157,8 @@ class SessionPool {
     bool ended = false;
   };
   std::unordered_map<CK_SESSION_HANDLE, KeptStream> streams_;
+  // Bumped by end_streams: a stream started by a lease taken before it is kept as ended.
+  uint64_t stream_epoch_ = 0;
   CK_SLOT_ID slot_ = 0;
   size_t in_use_ = 0;
   bool connected_ = false;

@@ -178,11 +178,13 @@ void Token::init_operation(SessionPool::Lease& l, const KeyHandle& key, Init&& i
 }
 
 bool Token::drop_copy(SessionPool::Lease& l, const ObjectId& id, CK_OBJECT_HANDLE copy) {
-  std::lock_guard<std::mutex> lk(cache_mu_);
-  auto it = copies_.find(cache_key(id));
-  if (it == copies_.end() || it->second != copy) return false;
-  copies_.erase(it);
-  l.fn()->C_DestroyObject(l.session(), copy);
+  {
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    auto it = copies_.find(cache_key(id));
+    if (it == copies_.end() || it->second != copy) return false;
+    copies_.erase(it);
+    l.fn()->C_DestroyObject(l.session(), copy);
+  }
   pool_.end_streams(cache_key(id));  // started on the copy refused now
   return true;
 }
@@ -262,6 +264,7 @@ void Token::forget(const ObjectId& id) {
     cache_.erase(cache_key(id));
     session_cache_.erase(cache_key(id));
     copies_.erase(cache_key(id));
+    no_ecb_.erase(cache_key(id));
   }
   pool_.end_streams(cache_key(id));  // a stream would keep the key's schedule in the module
 }
@@ -349,6 +352,20 @@ CK_OBJECT_HANDLE Token::copy_or_object(SessionPool::Lease& l, const ObjectId& id
 // destroyed and made again on demand.
 constexpr size_t kMaxSessionObjects = 4096;
 
+void Token::evict_session_objects_if_full(SessionPool::Lease& l) {
+  std::vector<std::string> evicted;
+  {
+    std::lock_guard<std::mutex> lk(cache_mu_);
+    if (session_cache_.size() < kMaxSessionObjects) return;
+    for (const auto& entry : session_cache_) {
+      l.fn()->C_DestroyObject(l.session(), entry.second);
+      evicted.push_back(entry.first);
+    }
+    session_cache_.clear();
+  }
+  for (const auto& id : evicted) pool_.end_streams(id);  // a stream would outlive its object
+}
+
 CK_OBJECT_HANDLE Token::resolve(SessionPool::Lease& l, const KeyHandle& key) {
   if (key.base) return derive(l, key);
   if (!key.load) return copy_or_object(l, key.id);
@@ -358,11 +375,8 @@ CK_OBJECT_HANDLE Token::resolve(SessionPool::Lease& l, const KeyHandle& key) {
     sync_generation(l);
     auto it = session_cache_.find(cache_key(key.id));
     if (it != session_cache_.end()) return it->second;
-    if (session_cache_.size() >= kMaxSessionObjects) {
-      for (const auto& entry : session_cache_) l.fn()->C_DestroyObject(l.session(), entry.second);
-      session_cache_.clear();
-    }
   }
+  evict_session_objects_if_full(l);
   AttributeTemplate t = key.load();
   CK_OBJECT_HANDLE h = 0;
   l.check(l.fn()->C_CreateObject(l.session(), t.data(), t.size(), &h), "C_CreateObject");
@@ -386,13 +400,7 @@ CK_OBJECT_HANDLE Token::derive(SessionPool::Lease& l, const KeyHandle& key) {
     CK_OBJECT_HANDLE base = resolve(l, *key.base);
     std::lock_guard<std::mutex> create_lock(load_mu_);
     if (auto h = cached()) return *h;
-    {
-      std::lock_guard<std::mutex> lk(cache_mu_);
-      if (session_cache_.size() >= kMaxSessionObjects) {
-        for (const auto& entry : session_cache_) l.fn()->C_DestroyObject(l.session(), entry.second);
-        session_cache_.clear();
-      }
-    }
+    evict_session_objects_if_full(l);
     CK_KEY_DERIVATION_STRING_DATA data{const_cast<uint8_t*>(key.derive_data.data()),
                                        static_cast<CK_ULONG>(key.derive_data.size())};
     CK_MECHANISM mech{CKM_AES_ECB_ENCRYPT_DATA, &data, sizeof data};
@@ -423,6 +431,9 @@ void Token::drop_session_objects(const ObjectId& prefix) {
   auto l = pool_.lease();
   std::lock_guard<std::mutex> create_lock(load_mu_);
   std::lock_guard<std::mutex> lk(cache_mu_);
+  for (auto it = no_ecb_.begin(); it != no_ecb_.end();) {
+    if (it->compare(0, p.size(), p) == 0) it = no_ecb_.erase(it); else ++it;
+  }
   if (cache_generation_ != l.generation()) return;  // they went with their sessions
   for (auto it = session_cache_.begin(); it != session_cache_.end();) {
     if (it->first.compare(0, p.size(), p) == 0) {
@@ -434,6 +445,9 @@ void Token::drop_session_objects(const ObjectId& prefix) {
   }
 }
 
+// Decryption composed this way runs on the key's encrypt permission (CTR mode encrypts the
+// counter blocks either way): a decrypt-only key (CKA_ENCRYPT false) is refused AES-ECB and
+// runs CKM_AES_GCM in the token. p11kms's stored AES keys allow both.
 std::optional<SecureBytes> Token::gcm_keystream(const KeyHandle& key, const Bytes& iv, size_t len) {
   if (!options_.compose_gcm || iv.size() != 12 || len > kComposedGcmMaxBytes) return std::nullopt;
   const std::string tag = cache_key(key.id);
@@ -458,10 +472,15 @@ std::optional<SecureBytes> Token::gcm_keystream(const KeyHandle& key, const Byte
           case CKR_KEY_FUNCTION_NOT_PERMITTED:
           case CKR_KEY_TYPE_INCONSISTENT:
           case CKR_FUNCTION_NOT_SUPPORTED: {
-            std::lock_guard<std::mutex> lk(cache_mu_);
-            no_ecb_.insert(tag);
-            log::info("hsm: object " + encoding::hex_encode(key.id) + " runs AES-GCM in the token: the module will not run AES-ECB with it (" +
-                      rv_name(e.rv()) + ")");
+            {
+              std::lock_guard<std::mutex> lk(cache_mu_);
+              no_ecb_.insert(tag);  // erased with the key (forget, drop_session_objects)
+            }
+            const std::string why = "hsm: object " + encoding::hex_encode(key.id) +
+                                    " runs AES-GCM in the token: the module will not run AES-ECB with it (" +
+                                    rv_name(e.rv()) + ")";
+            // Expected for a loaded decrypt-only key (the keyring's import): not worth an info line.
+            if (key.load || key.base) log::debug(why); else log::info(why);
             return std::nullopt;
           }
           default:

@@ -280,6 +280,9 @@ class Token {
   CK_OBJECT_HANDLE open_ephemeral(SessionPool::Lease& lease, const ObjectId& wrapping_key, const Bytes& rsa_part,
                                   CK_MECHANISM_TYPE oaep_hash);
   void forget(const ObjectId& id);
+  // Destroys every loaded or derived session object once there are kMaxSessionObjects, ending
+  // their streams.
+  void evict_session_objects_if_full(SessionPool::Lease& lease);
   // The AES-ECB encryption of counter_blocks (hsm/composed_gcm.hpp) on a session that keeps the
   // key's AES-ECB operation; nullopt when composing does not apply (option off, an IV not of 96
   // bits, a long message, a key the module will not run AES-ECB with).

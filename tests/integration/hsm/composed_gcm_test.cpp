@@ -144,6 +144,68 @@ TEST(ComposedGcmOneSession, KeysAndOtherOperationsTakeTurnsOnOneSession) {
   EXPECT_EQ(one.streams_kept(), 1u);
 }
 
+// The pool's side of streams, on one session and a session AES key made here: a stream whose
+// key was ended while a lease had it out (or was still starting it) never serves anyone else.
+class StreamsOnOneSession : public ::testing::Test {
+ protected:
+  test_support::TempToken temp_;
+  hsm::SessionPool pool_{temp_.pool_config(1)};
+  CK_OBJECT_HANDLE key_ = 0;
+  uint8_t blocks_[32] = {1, 2, 3};
+
+  void SetUp() override {
+    auto l = pool_.lease();
+    hsm::AttributeTemplate t;
+    t.set_ulong(CKA_CLASS, CKO_SECRET_KEY).set_ulong(CKA_KEY_TYPE, CKK_AES).set_ulong(CKA_VALUE_LEN, 32)
+        .set(CKA_TOKEN, false).set(CKA_ENCRYPT, true);
+    CK_MECHANISM gen{CKM_AES_KEY_GEN, nullptr, 0};
+    l.check(l.fn()->C_GenerateKey(l.session(), &gen, t.data(), t.size(), &key_), "C_GenerateKey");
+  }
+  CK_RV start_ecb(hsm::SessionPool::Lease& l) {
+    CK_MECHANISM ecb{CKM_AES_ECB, nullptr, 0};
+    return l.fn()->C_EncryptInit(l.session(), &ecb, key_);
+  }
+  CK_RV update(hsm::SessionPool::Lease& l) {
+    uint8_t out[sizeof blocks_];
+    CK_ULONG n = sizeof out;
+    return l.fn()->C_EncryptUpdate(l.session(), blocks_, sizeof blocks_, out, &n);
+  }
+};
+
+TEST_F(StreamsOnOneSession, AStreamKeptAfterItsKeyWasEndedServesOnlyTheLeaseThatStartedIt) {
+  {
+    auto l = pool_.lease_stream("k");
+    ASSERT_FALSE(l.stream_active());
+    ASSERT_EQ(start_ecb(l), CKR_OK);
+    pool_.end_streams("k");  // the key goes while this lease is starting its stream
+    l.keep_stream("k");
+    EXPECT_EQ(update(l), CKR_OK);  // the request in flight still completes
+  }
+  EXPECT_EQ(pool_.streams_kept(), 0u);
+  auto next = pool_.lease_stream("k");
+  EXPECT_FALSE(next.stream_active());
+  EXPECT_EQ(start_ecb(next), CKR_OK) << "the ended stream was left active on the session";
+}
+
+TEST_F(StreamsOnOneSession, AStreamEndedWhileLeasedEndsWhenTheLeaseIsReleased) {
+  {
+    auto l = pool_.lease_stream("k");
+    ASSERT_EQ(start_ecb(l), CKR_OK);
+    l.keep_stream("k");
+  }
+  ASSERT_EQ(pool_.streams_kept(), 1u);
+  {
+    auto l = pool_.lease_stream("k");
+    ASSERT_TRUE(l.stream_active());
+    EXPECT_EQ(update(l), CKR_OK);
+    pool_.end_streams("k");
+  }
+  EXPECT_EQ(pool_.streams_kept(), 0u);
+  auto next = pool_.lease_stream("k");
+  EXPECT_FALSE(next.stream_active());
+  EXPECT_EQ(start_ecb(next), CKR_OK);
+}
+
 TEST_F(ComposedGcmTest, DestroyEndsTheKeysStreams) {
   auto id = aes_key("p11kms/root/ended/v1");
   auto message = pattern(32, 1);
