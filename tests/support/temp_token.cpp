@@ -37,6 +37,17 @@ TempToken::TempToken(const std::string& label) : dir_(make_temp_dir("p11kms-toke
 
 TempToken::~TempToken() { remove_tree(dir_); }
 
+void TempToken::take_away() {
+  namespace fs = std::filesystem;
+  fs::rename(fs::directory_iterator(fs::path(dir_) / "tokens")->path(), fs::path(dir_) / "away");
+}
+
+void TempToken::bring_back() {
+  namespace fs = std::filesystem;
+  // SoftHSM names the directory after the token's serial; any name is found again.
+  fs::rename(fs::path(dir_) / "away", fs::path(dir_) / "tokens" / "back");
+}
+
 hsm::PoolConfig TempToken::pool_config(size_t sessions) const {
   hsm::PoolConfig c;
   c.module = kModule;

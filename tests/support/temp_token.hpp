@@ -21,6 +21,9 @@ class TempToken {
   static constexpr const char* kUserPin = "1234";
   static constexpr const char* kSoPin = "5678";
   hsm::PoolConfig pool_config(size_t sessions = 4) const;
+  // The token's directory moved away (SoftHSM then finds no token: an outage) and back.
+  void take_away();
+  void bring_back();
 
  private:
   std::string dir_;

@@ -6,7 +6,6 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
-#include <filesystem>
 #include <thread>
 #include <vector>
 
@@ -287,15 +286,11 @@ TEST_F(ComposedGcmTest, ATokenThatIsGoneFailsComposedOperations) {
   auto sealed = composed_.aes_gcm_encrypt(id, iv_, aad, message.data(), message.size());
   ASSERT_EQ(pool_.streams_kept(), 1u);
 
-  namespace fs = std::filesystem;
-  fs::path tokens = fs::path(token_.dir()) / "tokens";
-  fs::path token_dir = fs::directory_iterator(tokens)->path();
-  fs::path away = fs::path(token_.dir()) / "away";
-  fs::rename(token_dir, away);
+  token_.take_away();
   std::this_thread::sleep_for(std::chrono::milliseconds(1100));  // past the presence re-check
   EXPECT_THROW(composed_.aes_gcm_encrypt(id, iv_, aad, message.data(), message.size()), hsm::TokenUnavailable);
   EXPECT_THROW(composed_.aes_gcm_decrypt(id, iv_, aad, sealed.data(), sealed.size()), hsm::TokenUnavailable);
-  fs::rename(away, token_dir);
+  token_.bring_back();
 
   std::optional<hsm::SecureBytes> opened;
   for (int i = 0; i < 50 && !opened; ++i) {

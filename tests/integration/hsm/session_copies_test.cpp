@@ -8,7 +8,6 @@
 #include <openssl/x509.h>
 
 #include <chrono>
-#include <filesystem>
 #include <thread>
 #include <vector>
 
@@ -240,15 +239,11 @@ TEST_F(SessionCopiesTest, ATokenThatIsGoneFailsOperationsOnCopiesToo) {
   auto sealed = copies_.aes_gcm_encrypt(id, iv_, aad_, message_.data(), message_.size());
   ASSERT_EQ(objects(pool_, id, false).size(), 1u);
 
-  namespace fs = std::filesystem;
-  fs::path tokens = fs::path(token_.dir()) / "tokens";
-  fs::path token_dir = fs::directory_iterator(tokens)->path();
-  fs::path away = fs::path(token_.dir()) / "away";
-  fs::rename(token_dir, away);
+  token_.take_away();
   std::this_thread::sleep_for(std::chrono::milliseconds(1100));  // past the presence re-check
   EXPECT_THROW(copies_.aes_gcm_encrypt(id, iv_, aad_, message_.data(), message_.size()), hsm::TokenUnavailable);
   EXPECT_THROW(copies_.aes_gcm_decrypt(id, iv_, aad_, sealed.data(), sealed.size()), hsm::TokenUnavailable);
-  fs::rename(away, token_dir);
+  token_.bring_back();
 
   // Back: the pool reconnects by itself and the key works (on a new copy).
   std::optional<hsm::SecureBytes> opened;
