@@ -155,11 +155,15 @@ SessionPool::Lease SessionPool::take(const std::string* stream) {
   }
 }
 
-bool SessionPool::end_stream(Lease& l) {
+CK_RV SessionPool::finish_stream(CK_SESSION_HANDLE s) {
   // ECB holds no partial block here (every update is whole blocks), so this returns nothing.
   uint8_t rest[16];
   CK_ULONG n = sizeof rest;
-  CK_RV rv = l.fn()->C_EncryptFinal(l.session(), rest, &n);
+  return module_->fn()->C_EncryptFinal(s, rest, &n);
+}
+
+bool SessionPool::end_stream(Lease& l) {
+  CK_RV rv = finish_stream(l.session());
   if (rv == CKR_OK) return true;
   l.discard();
   if (is_connection_failure(rv)) l.lost(rv, "C_EncryptFinal");
@@ -254,9 +258,7 @@ void SessionPool::release(CK_SESSION_HANDLE s, uint64_t gen, bool broken, bool d
     // A stream whose key went while the session was out: ended before anyone else gets it.
     streams_.erase(it);
     lk.unlock();
-    uint8_t rest[16];
-    CK_ULONG n = sizeof rest;
-    if (module_->fn()->C_EncryptFinal(s, rest, &n) == CKR_OK) {
+    if (finish_stream(s) == CKR_OK) {
       lk.lock();
       --in_use_;
       if (connected_ && gen == generation_) free_.push_back(s);

@@ -138,6 +138,7 @@ class SessionPool {
   // C_EncryptFinal of the lease's kept stream; on failure the session is discarded (replaced on
   // release) and false returned. Throws TokenUnavailable for a connection-class failure.
   bool end_stream(Lease& lease);
+  CK_RV finish_stream(CK_SESSION_HANDLE s);  // C_EncryptFinal of the session's kept stream
   void refresh_view(Lease& lease);
 
   PoolConfig config_;
@@ -151,7 +152,8 @@ class SessionPool {
   std::vector<CK_SESSION_HANDLE> free_;
   std::vector<CK_SESSION_HANDLE> opened_;  // filled by connect()
   // Sessions that still run a key's AES-ECB encryption, by session; `ended` marks one to be
-  // ended when next leased (its key went while the session was out). Cleared on reconnect.
+  // ended when its lease is released (its key went while the session was out). Cleared on
+  // reconnect.
   struct KeptStream {
     std::string tag;
     bool ended = false;
