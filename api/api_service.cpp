@@ -412,7 +412,8 @@ http::Response ApiService::handle_dialect(const Dialect& d, const http::Request&
       if (!values.contains(k) && k != "list" && !(d.uses_actions && k == "action")) values[k] = v;
     for (const auto& [k, v] : m.params) values[k] = v;
     ctx.fields = FieldData(&m.route->fields, std::move(values));
-    collect_secrets(ctx.fields.raw(), record.request_secrets);
+    // Only for the audit log, which hashes them: without one, no copies of request data.
+    if (audit_) collect_secrets(ctx.fields.raw(), record.request_secrets);
     if (record.key && ctx.fields.raw().contains("key_version") && ctx.fields.raw()["key_version"].is_number_integer())
       record.key_version = ctx.fields.raw()["key_version"].get<int>();
     // Fail closed before anything runs; health (no token, changes nothing) always answers.
@@ -420,7 +421,7 @@ http::Response ApiService::handle_dialect(const Dialect& d, const http::Request&
       return d.error(503, "audit_unavailable", "the audit log cannot be written; request refused");
 
     Reply reply = m.route->callback(ctx);
-    collect_secrets(reply.data, record.response_secrets);
+    if (audit_) collect_secrets(reply.data, record.response_secrets);
     if (record.key && reply.data.is_object() && reply.data.contains("key_version") &&
         reply.data["key_version"].is_number_integer())
       record.key_version = reply.data["key_version"].get<int>();

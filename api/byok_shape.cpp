@@ -1,12 +1,13 @@
 #include "api/byok_shape.hpp"
 
+#include "common/json_text.hpp"
 #include "common/time.hpp"
 #include "common/uuid.hpp"
 
 namespace p11kms::api::byok {
 namespace {
 
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+using json_text::dump;
 
 const char* title_of(int status) {
   switch (status) {

@@ -6,6 +6,7 @@
 
 #include "api/api_service.hpp"
 #include "common/encoding.hpp"
+#include "common/json_text.hpp"
 #include "keys/keyring.hpp"
 
 namespace p11kms::api {
@@ -13,7 +14,7 @@ namespace {
 
 using keys::invalid;
 
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+using json_text::dump;
 
 http::Response render(const Reply& reply, const std::string& /*request_id*/) {
   http::Response r;

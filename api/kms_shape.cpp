@@ -4,12 +4,13 @@
 
 #include <cctype>
 
+#include "common/json_text.hpp"
 #include "common/time.hpp"
 
 namespace p11kms::api::kms {
 namespace {
 
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+using json_text::dump;
 
 const char* reason_phrase(int status) {
   switch (status) {

@@ -11,6 +11,7 @@
 #include "api/api_service.hpp"
 #include "api/form_body.hpp"
 #include "common/encoding.hpp"
+#include "common/json_text.hpp"
 #include "keys/jose.hpp"
 #include "keys/kong_keys.hpp"
 
@@ -19,7 +20,7 @@ namespace {
 
 using keys::invalid;
 
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+using json_text::dump;
 
 http::Response render(const Reply& reply, const std::string& /*request_id*/) {
   http::Response r;

@@ -1,12 +1,13 @@
 #include "api/vault_shape.hpp"
 
 #include "api/api_service.hpp"
+#include "common/json_text.hpp"
 
 namespace p11kms::api::vault {
 namespace {
 // Request bytes can reach a message (a JSON parse error quotes them); never let invalid UTF-8
 // turn an answer into an exception.
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+using json_text::dump;
 }  // namespace
 
 int status_of(keys::ErrorKind kind) {
@@ -32,15 +33,15 @@ http::Response render(const Reply& reply, const std::string& request_id) {
     r.body = dump(reply.data);
     return r;
   }
-  json body = {{"request_id", request_id},
-               {"lease_id", ""},
-               {"renewable", false},
-               {"lease_duration", 0},
-               {"data", reply.data},
-               {"wrap_info", nullptr},
-               {"warnings", reply.warnings.empty() ? json(nullptr) : json(reply.warnings)},
-               {"auth", nullptr}};
-  r.body = dump(body);
+  // Vault's envelope, its keys in the order dump() writes them (sorted), written around the
+  // data instead of copying the data into an envelope object first.
+  r.body = "{\"auth\":null,\"data\":";
+  json_text::append(r.body, reply.data);
+  r.body += ",\"lease_duration\":0,\"lease_id\":\"\",\"renewable\":false,\"request_id\":";
+  json_text::append(r.body, json(request_id));
+  r.body += ",\"warnings\":";
+  json_text::append(r.body, reply.warnings.empty() ? json(nullptr) : json(reply.warnings));
+  r.body += ",\"wrap_info\":null}";
   return r;
 }
 

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/encoding.hpp"
+#include "common/json_text.hpp"
 #include "keys/errors.hpp"
 #include "keys/jose.hpp"
 #include "keys/kong_keys.hpp"
@@ -15,7 +16,7 @@ namespace p11kms::keys {
 namespace {
 
 using json = nlohmann::json;
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+using json_text::dump;
 
 struct CipherCtxFree { void operator()(EVP_CIPHER_CTX* p) const { EVP_CIPHER_CTX_free(p); } };
 

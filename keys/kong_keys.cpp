@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/encoding.hpp"
+#include "common/json_text.hpp"
 #include "common/log.hpp"
 #include "common/uuid.hpp"
 #include "keys/errors.hpp"
@@ -25,7 +26,7 @@ using json = nlohmann::json;
 int64_t now_s() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+using json_text::dump;
 
 std::string p(const std::string& ns) { return "kong/" + ns + "/"; }
 std::string set_key(const std::string& ns, const std::string& id) { return p(ns) + "sets/" + id; }
