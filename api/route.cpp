@@ -94,15 +94,15 @@ const Field& FieldData::field(const std::string& name) const {
 }
 
 const json* FieldData::value(const std::string& name) const {
-  auto it = values_.find(name);
-  if (it != values_.end() && !it->is_null()) return &*it;
+  auto it = raw().find(name);
+  if (it != raw().end() && !it->is_null()) return &*it;
   const auto& d = field(name).default_value;
   return d.is_null() ? nullptr : &d;
 }
 
 bool FieldData::has(const std::string& name) const {
-  auto it = values_.find(name);
-  return it != values_.end() && !it->is_null();
+  auto it = raw().find(name);
+  return it != raw().end() && !it->is_null();
 }
 
 std::string FieldData::get_string(const std::string& name) const {
@@ -161,8 +161,9 @@ const json& FieldData::get_array(const std::string& name) const {
 
 std::vector<std::string> FieldData::unknown_fields() const {
   std::vector<std::string> out;
-  if (!values_.is_object()) return out;
-  for (auto it = values_.begin(); it != values_.end(); ++it) {
+  const json& values = raw();
+  if (!values.is_object()) return out;
+  for (auto it = values.begin(); it != values.end(); ++it) {
     bool known = false;
     if (schema_)
       for (const auto& f : *schema_) known = known || f.name == it.key();

@@ -44,13 +44,20 @@ class FieldData {
  public:
   FieldData() = default;
   FieldData(const std::vector<Field>* schema, json values) : schema_(schema), values_(std::move(values)) {}
+  // Reads `values` where they are (a batch item, read in place of a copy); they must outlive it.
+  static FieldData view(const std::vector<Field>* schema, const json& values) {
+    FieldData f;
+    f.schema_ = schema;
+    f.view_ = &values;
+    return f;
+  }
 
   bool has(const std::string& name) const;
   std::string get_string(const std::string& name) const;
   int64_t get_int(const std::string& name) const;
   bool get_bool(const std::string& name) const;
   const json& get_array(const std::string& name) const;  // an empty array if absent
-  const json& raw() const { return values_; }
+  const json& raw() const { return view_ ? *view_ : values_; }
   std::vector<std::string> unknown_fields() const;
 
  private:
@@ -58,6 +65,7 @@ class FieldData {
   const json* value(const std::string& name) const;
   const std::vector<Field>* schema_ = nullptr;
   json values_ = json::object();
+  const json* view_ = nullptr;  // read instead of values_ when set
 };
 
 struct ApiLimits;

@@ -135,14 +135,33 @@ std::vector<uint8_t> context_of(const FieldData& f) {
   return f.has("context") ? decode_b64_field(f.get_string("context"), "context") : std::vector<uint8_t>{};
 }
 
-json encrypt_one(keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& f, int default_version) {
+// An encrypt request's or batch item's fields, checked; `plaintext` holds the decoded bytes the
+// item points to.
+keys::EncryptItem encrypt_item(const FieldData& f, int default_version, std::vector<uint8_t>& plaintext) {
   if (!f.has("plaintext")) throw invalid("missing plaintext to encrypt");
-  auto context = context_of(f);
-  auto pt = decode_b64_field(f.get_string("plaintext"), "plaintext");
-  int version = f.has("key_version") ? to_version(f.get_int("key_version"), "key_version") : default_version;
-  auto sealed = ks.encrypt(ref, pt.data(), pt.size(), version, aad_of(f), context);
+  keys::EncryptItem item;
+  item.context = context_of(f);
+  plaintext = decode_b64_field(f.get_string("plaintext"), "plaintext");
+  item.plaintext = plaintext.data();
+  item.len = plaintext.size();
+  item.key_version = f.has("key_version") ? to_version(f.get_int("key_version"), "key_version") : default_version;
+  item.aad = aad_of(f);
+  return item;
+}
+
+json sealed_json(keys::Sealed&& sealed) {
+  json out = json::object();  // built in place: a batch makes one per item
+  out.emplace("ciphertext", std::move(sealed.ciphertext));
+  out.emplace("key_version", sealed.key_version);
+  return out;
+}
+
+json encrypt_one(keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& f, int default_version) {
+  std::vector<uint8_t> pt;
+  auto item = encrypt_item(f, default_version, pt);
+  auto sealed = ks.encrypt(ref, item.plaintext, item.len, item.key_version, item.aad, item.context);
   OPENSSL_cleanse(pt.data(), pt.size());
-  return json{{"ciphertext", sealed.ciphertext}, {"key_version", sealed.key_version}};
+  return sealed_json(std::move(sealed));
 }
 
 json decrypt_one(keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& f, int) {
@@ -154,17 +173,66 @@ json decrypt_one(keys::KeyService& ks, const keys::KeyRef& ref, const FieldData&
 json rewrap_one(keys::KeyService& ks, const keys::KeyRef& ref, const FieldData& f, int default_version) {
   if (!f.has("ciphertext")) throw invalid("missing ciphertext to rewrap");
   int version = f.has("key_version") ? to_version(f.get_int("key_version"), "key_version") : default_version;
-  auto sealed = ks.rewrap(ref, f.get_string("ciphertext"), version, aad_of(f), context_of(f));
-  return json{{"ciphertext", sealed.ciphertext}, {"key_version", sealed.key_version}};
+  return sealed_json(ks.rewrap(ref, f.get_string("ciphertext"), version, aad_of(f), context_of(f)));
 }
 
 using ItemOp = std::function<json(keys::KeyService&, const keys::KeyRef&, const FieldData&, int)>;
+using ItemResults = std::vector<keys::ItemResult<json>>;
+// Runs all of a batch's items at once (their token work together); a result or a 400 each.
+using BatchOp = std::function<ItemResults(keys::KeyService&, const keys::KeyRef&, const std::vector<FieldData>&)>;
 
-// One request, or a batch processed item by item: a bad item gets an "error" in its slot and
-// the others still succeed. A partly failed batch is a 400 carrying every result (Vault 1.13+)
-// unless partial_failure_response_code says otherwise.
+// An item's 400 becomes its result's error; anything else (the token down) is the call's 503.
+template <typename F>
+void run_item(keys::ItemResult<json>& result, F&& f) {
+  try {
+    f();
+  } catch (const keys::KeyError& e) {
+    if (e.kind() != keys::ErrorKind::invalid_argument) throw;
+    result.error = e.what();
+  }
+}
+
+ItemResults one_by_one(keys::KeyService& ks, const keys::KeyRef& ref, const std::vector<FieldData>& items,
+                       const ItemOp& op) {
+  ItemResults out(items.size());
+  auto in_token = ks.batch_scope();
+  for (size_t i = 0; i < items.size(); ++i) {
+    in_token.next_item();
+    run_item(out[i], [&] { out[i].value = op(ks, ref, items[i], 0); });
+  }
+  return out;
+}
+
+ItemResults encrypt_batch(keys::KeyService& ks, const keys::KeyRef& ref, const std::vector<FieldData>& items) {
+  ItemResults out(items.size());
+  struct Plaintexts {  // wiped however the batch ends
+    std::vector<std::vector<uint8_t>> bytes;
+    ~Plaintexts() {
+      for (auto& b : bytes) OPENSSL_cleanse(b.data(), b.size());
+    }
+  } plaintexts;
+  plaintexts.bytes.resize(items.size());
+  std::vector<keys::EncryptItem> requests;
+  std::vector<size_t> at;
+  for (size_t i = 0; i < items.size(); ++i)
+    run_item(out[i], [&] {
+      requests.push_back(encrypt_item(items[i], 0, plaintexts.bytes[i]));
+      at.push_back(i);
+    });
+  auto sealed = ks.encrypt_batch(ref, requests);
+  for (size_t k = 0; k < sealed.size(); ++k) {
+    if (sealed[k].value) out[at[k]].value = sealed_json(std::move(*sealed[k].value));
+    else out[at[k]].error = std::move(sealed[k].error);
+  }
+  return out;
+}
+
+// One request, or a batch: a bad item gets an "error" in its slot and the others still succeed.
+// A partly failed batch is a 400 carrying every result (Vault 1.13+) unless
+// partial_failure_response_code says otherwise. Items run one by one through `op`, or all
+// together through `batch_op` when there is one.
 Reply single_or_batch(Context& ctx, keys::KeyService& ks, const ApiLimits& limits, const ItemOp& op,
-                      const std::vector<Field>& schema = item_fields()) {
+                      const std::vector<Field>& schema = item_fields(), const BatchOp& batch_op = nullptr) {
   auto ref = key_ref(ctx);
   int default_version = ctx.fields.has("key_version") ? to_version(ctx.fields.get_int("key_version"), "key_version") : 0;
   const json& batch = ctx.fields.get_array("batch_input");
@@ -173,26 +241,28 @@ Reply single_or_batch(Context& ctx, keys::KeyService& ks, const ApiLimits& limit
     throw invalid("batch_input has " + std::to_string(batch.size()) + " items; the limit is " +
                   std::to_string(limits.max_batch_items));
   ks.validate_name(ref.name);
+  ItemResults done(batch.size());
+  std::vector<FieldData> items;
+  std::vector<size_t> at;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (!batch[i].is_object()) {
+      done[i].error = "batch_input items must be JSON objects";
+      continue;
+    }
+    items.push_back(FieldData::view(&schema, batch[i]));
+    at.push_back(i);
+  }
+  ItemResults ran = batch_op ? batch_op(ks, ref, items) : one_by_one(ks, ref, items, op);
+  for (size_t k = 0; k < ran.size(); ++k) done[at[k]] = std::move(ran[k]);
   json results = json::array();
   bool any_error = false, any_success = false;
-  auto in_token = ks.batch_scope();
-  for (const auto& item : batch) {
-    json result;
-    in_token.next_item();
-    try {
-      if (!item.is_object()) throw invalid("batch_input items must be JSON objects");
-      FieldData f(&schema, item);
-      result = op(ks, ref, f, 0);
-      any_success = true;
-    } catch (const keys::KeyError& e) {
-      if (e.kind() != keys::ErrorKind::invalid_argument) throw;  // token down: the whole call is a 503
-      result = json{{"error", e.what()}};
-      any_error = true;
-    }
-    if (item.is_object() && item.contains("reference")) result["reference"] = item["reference"];
+  for (size_t i = 0; i < batch.size(); ++i) {
+    json result = done[i].value ? std::move(*done[i].value) : json{{"error", done[i].error}};
+    (done[i].value ? any_success : any_error) = true;
+    if (batch[i].is_object() && batch[i].contains("reference")) result["reference"] = batch[i]["reference"];
     results.push_back(std::move(result));
   }
-  Reply reply{200, json{{"batch_results", results}}};
+  Reply reply{200, json{{"batch_results", std::move(results)}}};
   if (any_error) {
     reply.status = 400;
     if (any_success && ctx.fields.has("partial_failure_response_code")) {
@@ -470,7 +540,7 @@ void add_transit_routes(Router& router) {
               "does), which also needs create on this path.",
               [](Context& ctx) {
                 upsert_for_encrypt(ctx);
-                return single_or_batch(ctx, *ctx.keys, *ctx.limits, encrypt_one);
+                return single_or_batch(ctx, *ctx.keys, *ctx.limits, encrypt_one, item_fields(), encrypt_batch);
               }});
   router.add({"POST", "transit/decrypt/:name", crypt_fields, "Decrypt a vault:v<N>: ciphertext in the token.",
               [](Context& ctx) { return single_or_batch(ctx, *ctx.keys, *ctx.limits, decrypt_one); }});

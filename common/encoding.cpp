@@ -5,10 +5,16 @@
 namespace p11kms::encoding {
 
 std::string base64_encode(const uint8_t* data, size_t len) {
-  std::string out(4 * ((len + 2) / 3), '\0');
-  int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()), data, static_cast<int>(len));
-  out.resize(static_cast<size_t>(n));
+  std::string out;
+  base64_append(out, data, len);
   return out;
+}
+
+void base64_append(std::string& out, const uint8_t* data, size_t len) {
+  const size_t at = out.size();
+  out.resize(at + 4 * ((len + 2) / 3));
+  int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data() + at), data, static_cast<int>(len));
+  out.resize(at + static_cast<size_t>(n));
 }
 
 std::optional<std::vector<uint8_t>> base64_decode(const std::string& text) {

@@ -9,6 +9,8 @@
 namespace p11kms::encoding {
 
 std::string base64_encode(const uint8_t* data, size_t len);
+// Appends base64_encode(data, len) to `out`.
+void base64_append(std::string& out, const uint8_t* data, size_t len);
 inline std::string base64_encode(const std::vector<uint8_t>& v) { return base64_encode(v.data(), v.size()); }
 // Standard alphabet with padding (what Vault emits and accepts); whitespace is not allowed.
 std::optional<std::vector<uint8_t>> base64_decode(const std::string& text);

@@ -450,12 +450,15 @@ void Token::drop_session_objects(const ObjectId& prefix) {
 // runs CKM_AES_GCM in the token. p11kms's stored AES keys allow both.
 std::optional<SecureBytes> Token::gcm_keystream(const KeyHandle& key, const Bytes& iv, size_t len) {
   if (!options_.compose_gcm || iv.size() != 12 || len > kComposedGcmMaxBytes) return std::nullopt;
+  return ecb_keystream(key, composed_gcm::counter_blocks(iv, len));
+}
+
+std::optional<SecureBytes> Token::ecb_keystream(const KeyHandle& key, const Bytes& blocks) {
   const std::string tag = cache_key(key.id);
   {
     std::lock_guard<std::mutex> lk(cache_mu_);
     if (no_ecb_.count(tag)) return std::nullopt;
   }
-  const Bytes blocks = composed_gcm::counter_blocks(iv, len);
   for (int attempt = 0;; ++attempt) {
     auto l = pool_.lease_stream(tag);
     require_recently_present(l);
@@ -525,6 +528,42 @@ Bytes Token::aes_gcm_encrypt(const KeyHandle& key, const Bytes& iv, const Bytes&
   if (rv != CKR_OK) l.discard();  // SoftHSM may leave the operation active (seen with ARGUMENTS_BAD)
   l.check(rv, "C_Encrypt");
   out.resize(out_len);
+  return out;
+}
+
+std::vector<Bytes> Token::aes_gcm_encrypt_batch(const KeyHandle& key, const std::vector<GcmMessage>& batch,
+                                                BatchGate::Scope& turn) {
+  std::vector<Bytes> out(batch.size());
+  auto composable = [](const GcmMessage& m) { return m.iv->size() == 12 && m.len <= kComposedGcmMaxBytes; };
+  size_t i = 0;
+  while (i < batch.size()) {
+    // A run of messages whose counter blocks go to the token in one C_EncryptUpdate.
+    size_t end = i, blocks = 1;
+    if (options_.compose_gcm)
+      while (end < batch.size() && composable(batch[end]) &&
+             (end == i || blocks + composed_gcm::blocks_of(batch[end].len) <= kComposedBatchBlocks))
+        blocks += composed_gcm::blocks_of(batch[end++].len);
+    if (end > i) {
+      const std::vector<GcmMessage> run(batch.begin() + i, batch.begin() + end);
+      turn.next_item();
+      if (auto keystream = ecb_keystream(key, composed_gcm::counter_blocks(run))) {
+        try {
+          auto sealed = composed_gcm::seal(*keystream, run);
+          for (size_t k = 0; k < sealed.size(); ++k) out[i + k] = std::move(sealed[k]);
+          i = end;
+          continue;
+        } catch (const composed_gcm::Mismatch& e) {
+          log::error(std::string("hsm: composed AES-GCM failed (") + e.what() + "); running it in the token");
+        }
+      }
+    } else {
+      end = i + 1;
+    }
+    for (; i < end; ++i) {
+      turn.next_item();
+      out[i] = aes_gcm_encrypt(key, *batch[i].iv, *batch[i].aad, batch[i].data, batch[i].len);
+    }
+  }
   return out;
 }
 

@@ -18,6 +18,7 @@
 
 #include "hsm/attributes.hpp"
 #include "hsm/batch_gate.hpp"
+#include "hsm/composed_gcm.hpp"
 #include "hsm/secret.hpp"
 #include "hsm/session_pool.hpp"
 
@@ -127,6 +128,10 @@ struct TokenOptions {
 // Longer messages run CKM_AES_GCM in the token: its init is paid once per message, and the
 // counter blocks would need as much memory again.
 constexpr size_t kComposedGcmMaxBytes = 16 * 1024;
+// A batch's counter blocks go to the token in runs of at most this many (64 KiB).
+constexpr size_t kComposedBatchBlocks = 4096;
+
+using GcmMessage = composed_gcm::Message;
 
 // Whether a module, known by its CK_INFO manufacturerID, serializes its calls within one
 // process, so that two threads gain nothing over one and lose to meeting on its locks. True
@@ -186,6 +191,11 @@ class Token {
   // TokenOptions::compose_gcm allows (the same bytes either way).
   Bytes aes_gcm_encrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                         const uint8_t* plaintext, size_t len);
+  // aes_gcm_encrypt of each message under one key. Composed, a run of messages costs one
+  // C_EncryptUpdate of all their counter blocks (one session, one lease) instead of one per
+  // message. `turn` (batch_scope) is told of each token operation.
+  std::vector<Bytes> aes_gcm_encrypt_batch(const KeyHandle& key, const std::vector<GcmMessage>& batch,
+                                           BatchGate::Scope& turn);
   // nullopt when the tag does not verify (or the data is not a GCM ciphertext).
   std::optional<SecureBytes> aes_gcm_decrypt(const KeyHandle& key, const Bytes& iv, const Bytes& aad,
                                              const uint8_t* ciphertext, size_t len);
@@ -287,6 +297,9 @@ class Token {
   // key's AES-ECB operation; nullopt when composing does not apply (option off, an IV not of 96
   // bits, a long message, a key the module will not run AES-ECB with).
   std::optional<SecureBytes> gcm_keystream(const KeyHandle& key, const Bytes& iv, size_t len);
+  // The AES-ECB encryption of any `blocks` on such a session; nullopt for a key the module will
+  // not run AES-ECB with.
+  std::optional<SecureBytes> ecb_keystream(const KeyHandle& key, const Bytes& blocks);
   // Throws TokenUnavailable unless the token was seen present within kTokenPresenceRecheck:
   // session copies and kept streams outlive a token that went away.
   void require_recently_present(SessionPool::Lease& lease);

@@ -7,9 +7,17 @@ namespace p11kms::keys {
 
 std::string format_transit_ciphertext(int version, const std::vector<uint8_t>& iv,
                                       const std::vector<uint8_t>& sealed) {
-  std::vector<uint8_t> blob(iv);
+  std::vector<uint8_t> blob;  // one string and one buffer: a batch formats one per item
+  blob.reserve(iv.size() + sealed.size());
+  blob.insert(blob.end(), iv.begin(), iv.end());
   blob.insert(blob.end(), sealed.begin(), sealed.end());
-  return "vault:v" + std::to_string(version) + ":" + encoding::base64_encode(blob);
+  std::string out;
+  out.reserve(20 + 4 * ((blob.size() + 2) / 3));
+  out += "vault:v";
+  out += std::to_string(version);
+  out += ':';
+  encoding::base64_append(out, blob.data(), blob.size());
+  return out;
 }
 
 TransitCiphertext parse_transit_ciphertext(const std::string& text) {

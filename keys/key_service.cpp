@@ -8,6 +8,7 @@
 #include <cctype>
 #include <chrono>
 #include <limits>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -793,6 +794,62 @@ Sealed KeyService::encrypt(const KeyRef& ref, const uint8_t* plaintext, size_t l
     auto sealed = token_.aes_gcm_encrypt(handle, iv, aad, plaintext, len);
     usage_.record(ref.ns, key->record().id);  // BYOK IN_USE
     return Sealed{format_transit_ciphertext(v.version, iv, sealed), v.version};
+  });
+}
+
+namespace {
+// Runs one item of a batch: its 400 becomes its result's error; anything else is the call's.
+template <typename T, typename F>
+void run_item(ItemResult<T>& result, F&& f) {
+  try {
+    f();
+  } catch (const KeyError& e) {
+    if (e.kind() != ErrorKind::invalid_argument) throw;
+    result.error = e.what();
+  }
+}
+}  // namespace
+
+std::vector<ItemResult<Sealed>> KeyService::encrypt_batch(const KeyRef& ref, const std::vector<EncryptItem>& items) {
+  std::vector<ItemResult<Sealed>> out(items.size());
+  auto turn = token_.batch_scope();
+  auto one_by_one = [&] {
+    for (size_t i = 0; i < items.size(); ++i) {
+      turn.next_item();
+      const auto& it = items[i];
+      run_item(out[i], [&] { out[i].value = encrypt(ref, it.plaintext, it.len, it.key_version, it.aad, it.context); });
+    }
+    return std::move(out);
+  };
+  std::shared_ptr<const Key> key;
+  try {
+    key = guarded([&] { return load_for_use(ref); });
+  } catch (const KeyError& e) {
+    if (e.kind() != ErrorKind::invalid_argument) throw;
+    return one_by_one();  // each item gets its 400 (no such key, not an AES key), as one by one
+  }
+  // A derived key's items each need the key of their context: encrypt's own path.
+  if (key->record().derived) return one_by_one();
+  return guarded([&] {
+    key->require_state_for(KeyUse::encrypt, now_seconds());
+    std::map<int, std::vector<size_t>> by_version;
+    for (size_t i = 0; i < items.size(); ++i)
+      run_item(out[i], [&] { by_version[key->encryption_version(items[i].key_version).version].push_back(i); });
+    for (const auto& [version, which] : by_version) {
+      std::vector<std::vector<uint8_t>> ivs(which.size());
+      std::vector<hsm::GcmMessage> batch;
+      batch.reserve(which.size());
+      for (size_t k = 0; k < which.size(); ++k) {
+        const auto& it = items[which[k]];
+        ivs[k] = new_iv();
+        batch.push_back({&ivs[k], &it.aad, it.plaintext, it.len});
+      }
+      auto sealed = token_.aes_gcm_encrypt_batch(material_handle(*key, key->encryption_version(version)), batch, turn);
+      for (size_t k = 0; k < which.size(); ++k)
+        out[which[k]].value = Sealed{format_transit_ciphertext(version, ivs[k], sealed[k]), version};
+    }
+    if (!by_version.empty()) usage_.record(ref.ns, key->record().id);  // BYOK IN_USE
+    return std::move(out);
   });
 }
 

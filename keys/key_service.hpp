@@ -123,6 +123,20 @@ struct Sealed {
   int key_version = 0;
 };
 
+// One item of a batch: the value, or the reason (a 400's message) this item failed.
+template <typename T>
+struct ItemResult {
+  std::optional<T> value;
+  std::string error;
+};
+
+struct EncryptItem {
+  const uint8_t* plaintext = nullptr;
+  size_t len = 0;
+  int key_version = 0;  // 0: the latest
+  std::vector<uint8_t> aad, context;
+};
+
 struct DataKey {
   hsm::SecureBytes plaintext;
   Sealed sealed;
@@ -222,6 +236,10 @@ class KeyService {
   // `context`: required by derived keys (400 without it), ignored by the others, as in Vault.
   Sealed encrypt(const KeyRef& ref, const uint8_t* plaintext, size_t len, int key_version,
                  const std::vector<uint8_t>& aad = {}, const std::vector<uint8_t>& context = {});
+  // encrypt of each item, the batch's token work done together (one token call for a run of a
+  // non-derived key's items). An item's 400 is its result's error; any other failure is the
+  // whole call's, as for encrypt.
+  std::vector<ItemResult<Sealed>> encrypt_batch(const KeyRef& ref, const std::vector<EncryptItem>& items);
   hsm::SecureBytes decrypt(const KeyRef& ref, const std::string& ciphertext,
                            const std::vector<uint8_t>& aad = {}, const std::vector<uint8_t>& context = {});
   Sealed rewrap(const KeyRef& ref, const std::string& ciphertext, int key_version,

@@ -802,6 +802,61 @@ def test_batch_encrypt_and_decrypt(server):
     assert [unb64(i["plaintext"]) for i in out] == pts
 
 
+def test_batch_encrypt_items_pick_their_versions(server):
+    # Items of one batch under several versions, one version too new, one not an object: each
+    # slot answers for its own item, in order, with its reference.
+    name = create_key(server)
+    ok(server.request("POST", "/v1/transit/keys/%s/rotate" % name))
+    batch = [{"plaintext": b64("latest"), "reference": "a"},
+             {"plaintext": b64("one"), "key_version": 1, "reference": "b"},
+             {"plaintext": b64("three"), "key_version": 3, "reference": "c"},
+             "not an object",
+             {"plaintext": b64("two"), "key_version": "2", "associated_data": b64("aad")},
+             {"plaintext": b64("aad"), "associated_data": "!!", "reference": "e"}]
+    r = server.request("POST", "/v1/transit/encrypt/" + name, json={"batch_input": batch})
+    assert r.status_code == 400, describe(r)
+    results = r.json()["data"]["batch_results"]
+    assert len(results) == len(batch)
+    assert [i.get("reference") for i in results] == ["a", "b", "c", None, None, "e"]
+    assert [i.get("key_version") for i in results] == [2, 1, None, None, 2, None]
+    assert "higher than the latest key version" in results[2]["error"]
+    assert "JSON objects" in results[3]["error"]
+    assert "associated_data" in results[5]["error"] and "ciphertext" not in results[5]
+    assert ct_version(results[0]["ciphertext"]) == 2 and ct_version(results[1]["ciphertext"]) == 1
+    assert decrypt(server, name, results[0]["ciphertext"]) == b"latest"
+    assert decrypt(server, name, results[1]["ciphertext"]) == b"one"
+    r = server.request("POST", "/v1/transit/decrypt/" + name,
+                       json={"ciphertext": results[4]["ciphertext"], "associated_data": b64("aad")})
+    assert unb64(ok(r)["data"]["plaintext"]) == b"two"
+
+
+def test_batch_encrypt_with_a_derived_key_uses_each_items_context(server):
+    name = create_key(server, derived=True)
+    batch = [{"plaintext": b64("p1"), "context": b64("ctx-1")},
+             {"plaintext": b64("p2"), "context": b64("ctx-2")},
+             {"plaintext": b64("p3")}]
+    r = server.request("POST", "/v1/transit/encrypt/" + name, json={"batch_input": batch})
+    assert r.status_code == 400, describe(r)
+    results = r.json()["data"]["batch_results"]
+    assert "context" in results[2]["error"]
+    for i, ctx in ((0, "ctx-1"), (1, "ctx-2")):
+        r = server.request("POST", "/v1/transit/decrypt/" + name,
+                           json={"ciphertext": results[i]["ciphertext"], "context": b64(ctx)})
+        assert unb64(ok(r)["data"]["plaintext"]) == b"p%d" % (i + 1)
+    r = server.request("POST", "/v1/transit/decrypt/" + name,
+                       json={"ciphertext": results[0]["ciphertext"], "context": b64("ctx-2")})
+    assert r.status_code == 400, describe(r)
+
+
+def test_batch_encrypt_on_a_non_aes_key_fails_each_item(server):
+    name = create_key(server, type="ecdsa-p256")
+    r = server.request("POST", "/v1/transit/encrypt/" + name,
+                       json={"batch_input": [{"plaintext": b64("x")}, {"plaintext": b64("y")}]})
+    assert r.status_code == 400, describe(r)
+    results = r.json()["data"]["batch_results"]
+    assert len(results) == 2 and all("does not support encryption" in i["error"] for i in results)
+
+
 def test_batch_ignores_top_level_plaintext(server):
     name = create_key(server)
     r = server.request("POST", "/v1/transit/encrypt/" + name,

@@ -81,6 +81,65 @@ TEST_F(ComposedGcmTest, TheBytesAreTheTokensGcmBothWays) {
   EXPECT_GE(pool_.streams_kept(), 1u);  // it was composed, not the token's GCM under another name
 }
 
+// A batch under one key: each message's bytes are what the token's GCM makes of it alone, in
+// runs of counter blocks (a run holds at most kComposedBatchBlocks), and the messages composing
+// does not take (long ones, other IVs) run the token's GCM in their place.
+TEST_F(ComposedGcmTest, ABatchIsEachMessagesTokenGcm) {
+  auto id = aes_key("p11kms/root/batch/v1");
+  std::vector<hsm::Bytes> ivs, aads, messages;
+  auto add = [&](size_t len, size_t aad_len, size_t iv_len) {
+    auto seed = static_cast<uint8_t>(messages.size());
+    messages.push_back(pattern(len, seed));
+    aads.push_back(pattern(aad_len, static_cast<uint8_t>(seed * 3)));
+    ivs.push_back(pattern(iv_len, static_cast<uint8_t>(seed * 7)));
+  };
+  for (size_t len : {size_t{0}, size_t{1}, size_t{15}, size_t{16}, size_t{17}, size_t{100}, hsm::kComposedGcmMaxBytes})
+    add(len, len % 20, 12);
+  add(hsm::kComposedGcmMaxBytes + 1, 5, 12);  // too long: the token's GCM
+  add(32, 0, 16);                              // a 128-bit IV: the token's GCM
+  for (int i = 0; i < 2000; ++i) add(32, i % 3, 12);  // 6,000 blocks: more than one run
+  std::vector<hsm::GcmMessage> batch;
+  for (size_t i = 0; i < messages.size(); ++i) batch.push_back({&ivs[i], &aads[i], messages[i].data(), messages[i].size()});
+  hsm::BatchGate::Scope no_gate(nullptr);
+  auto composed = composed_.aes_gcm_encrypt_batch(id, batch, no_gate);
+  auto in_token = plain_.aes_gcm_encrypt_batch(id, batch, no_gate);  // composing off: message by message
+  ASSERT_EQ(composed.size(), messages.size());
+  ASSERT_EQ(in_token.size(), messages.size());
+  for (size_t i = 0; i < messages.size(); ++i) {
+    SCOPED_TRACE("message " + std::to_string(i));
+    auto theirs = plain_.aes_gcm_encrypt(id, ivs[i], aads[i], messages[i].data(), messages[i].size());
+    ASSERT_EQ(composed[i], theirs);
+    ASSERT_EQ(in_token[i], theirs);
+  }
+  EXPECT_GE(pool_.streams_kept(), 1u);
+}
+
+// The batch assembly alone: one keystream for several messages (H once), and only for the
+// messages it was made for.
+TEST_F(ComposedGcmTest, ABatchKeystreamServesEachMessageItsOwnBlocks) {
+  auto id = aes_key("p11kms/root/batch-assembly/v1");
+  std::vector<hsm::Bytes> ivs = {pattern(12, 1), pattern(12, 2), pattern(12, 3)};
+  std::vector<hsm::Bytes> aads = {{}, pattern(7, 4), {}};
+  std::vector<hsm::Bytes> messages = {pattern(40, 5), pattern(0, 6), pattern(16, 7)};
+  std::vector<hsm::GcmMessage> batch;
+  for (size_t i = 0; i < 3; ++i) batch.push_back({&ivs[i], &aads[i], messages[i].data(), messages[i].size()});
+  auto blocks = hsm::composed_gcm::counter_blocks(batch);
+  ASSERT_EQ(blocks.size(), 16u * (1 + 4 + 1 + 2));  // H once, then J0 and the counters of each
+  auto stream = plain_.aes_ecb_encrypt(id, blocks.data(), blocks.size());
+  auto sealed = hsm::composed_gcm::seal(stream, batch);
+  ASSERT_EQ(sealed.size(), 3u);
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_EQ(sealed[i], plain_.aes_gcm_encrypt(id, ivs[i], aads[i], messages[i].data(), messages[i].size()));
+
+  // A keystream made for other messages than those sealed is never used.
+  batch[1].data = messages[2].data();
+  batch[1].len = messages[2].size();  // one block more than the keystream has
+  EXPECT_THROW(hsm::composed_gcm::seal(stream, batch), hsm::composed_gcm::Mismatch);
+  batch[1].len = 0;
+  hsm::SecureBytes short_stream(stream.size() - 16);
+  EXPECT_THROW(hsm::composed_gcm::seal(short_stream, batch), hsm::composed_gcm::Mismatch);
+}
+
 TEST_F(ComposedGcmTest, AlteredCiphertextTagAadOrIvIsRefused) {
   auto id = aes_key("p11kms/root/forged/v1");
   auto message = pattern(40, 9);

@@ -25,6 +25,15 @@ TEST(Base64, EncodesKnownVectors) {
   EXPECT_EQ(enc::base64_encode(bytes("foobar")), "Zm9vYmFy");
 }
 
+TEST(Base64, AppendsAfterWhatIsThere) {
+  std::string out = "vault:v1:";
+  auto foob = bytes("foob");
+  enc::base64_append(out, foob.data(), foob.size());
+  EXPECT_EQ(out, "vault:v1:Zm9vYg==");
+  enc::base64_append(out, foob.data(), 0);
+  EXPECT_EQ(out, "vault:v1:Zm9vYg==");
+}
+
 TEST(Base64, DecodesKnownVectors) {
   EXPECT_EQ(enc::base64_decode("Zg==").value(), bytes("f"));
   EXPECT_EQ(enc::base64_decode("Zm8=").value(), bytes("fo"));
