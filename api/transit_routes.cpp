@@ -181,24 +181,13 @@ using ItemResults = std::vector<keys::ItemResult<json>>;
 // Runs all of a batch's items at once (their token work together); a result or a 400 each.
 using BatchOp = std::function<ItemResults(keys::KeyService&, const keys::KeyRef&, const std::vector<FieldData>&)>;
 
-// An item's 400 becomes its result's error; anything else (the token down) is the call's 503.
-template <typename F>
-void run_item(keys::ItemResult<json>& result, F&& f) {
-  try {
-    f();
-  } catch (const keys::KeyError& e) {
-    if (e.kind() != keys::ErrorKind::invalid_argument) throw;
-    result.error = e.what();
-  }
-}
-
 ItemResults one_by_one(keys::KeyService& ks, const keys::KeyRef& ref, const std::vector<FieldData>& items,
                        const ItemOp& op) {
   ItemResults out(items.size());
   auto in_token = ks.batch_scope();
   for (size_t i = 0; i < items.size(); ++i) {
     in_token.next_item();
-    run_item(out[i], [&] { out[i].value = op(ks, ref, items[i], 0); });
+    keys::run_item(out[i], [&] { out[i].value = op(ks, ref, items[i], 0); });
   }
   return out;
 }
@@ -215,7 +204,7 @@ ItemResults encrypt_batch(keys::KeyService& ks, const keys::KeyRef& ref, const s
   std::vector<keys::EncryptItem> requests;
   std::vector<size_t> at;
   for (size_t i = 0; i < items.size(); ++i)
-    run_item(out[i], [&] {
+    keys::run_item(out[i], [&] {
       requests.push_back(encrypt_item(items[i], 0, plaintexts.bytes[i]));
       at.push_back(i);
     });

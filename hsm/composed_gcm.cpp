@@ -113,19 +113,7 @@ Bytes counter_blocks(const std::vector<Message>& batch) {
 }
 
 Bytes seal(const SecureBytes& encrypted, const Bytes& iv, const Bytes& aad, const uint8_t* plaintext, size_t len) {
-  check_size(encrypted, len);
-  const Bytes in = counter_blocks(iv, len);
-  Feed feed{in.data(), encrypted.data(), in.size() / kBlock};
-  Context ctx = keyed(feed);
-  Bytes out(len + kTag);
-  seal_message(ctx.get(), Message{&iv, &aad, plaintext, len}, out.data());
-  try {
-    require_all_used(feed);
-  } catch (...) {
-    OPENSSL_cleanse(out.data(), out.size());
-    throw;
-  }
-  return out;
+  return std::move(seal(encrypted, std::vector<Message>{Message{&iv, &aad, plaintext, len}}).front());
 }
 
 std::vector<Bytes> seal(const SecureBytes& encrypted, const std::vector<Message>& batch) {

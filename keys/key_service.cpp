@@ -797,19 +797,6 @@ Sealed KeyService::encrypt(const KeyRef& ref, const uint8_t* plaintext, size_t l
   });
 }
 
-namespace {
-// Runs one item of a batch: its 400 becomes its result's error; anything else is the call's.
-template <typename T, typename F>
-void run_item(ItemResult<T>& result, F&& f) {
-  try {
-    f();
-  } catch (const KeyError& e) {
-    if (e.kind() != ErrorKind::invalid_argument) throw;
-    result.error = e.what();
-  }
-}
-}  // namespace
-
 std::vector<ItemResult<Sealed>> KeyService::encrypt_batch(const KeyRef& ref, const std::vector<EncryptItem>& items) {
   std::vector<ItemResult<Sealed>> out(items.size());
   auto turn = token_.batch_scope();

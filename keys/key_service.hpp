@@ -130,6 +130,18 @@ struct ItemResult {
   std::string error;
 };
 
+// Runs one item of a batch: its 400 becomes the result's error; any other failure (the token
+// down) is the whole call's.
+template <typename T, typename F>
+void run_item(ItemResult<T>& result, F&& f) {
+  try {
+    f();
+  } catch (const KeyError& e) {
+    if (e.kind() != ErrorKind::invalid_argument) throw;
+    result.error = e.what();
+  }
+}
+
 struct EncryptItem {
   const uint8_t* plaintext = nullptr;
   size_t len = 0;
