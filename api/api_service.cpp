@@ -276,9 +276,9 @@ http::Response ApiService::handle(const http::Request& request) {
                    [](const auto& h) { return strcasecmp(h.first.c_str(), "Cache-Control") == 0; }))
     resp.headers.emplace_back("Cache-Control", "no-store");
   auto ms = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count() / 1000.0;
-  log::info(printable(request.method) + " " + printable(request.path) + " " + std::to_string(resp.status) + " " +
-                std::to_string(ms) + "ms",
-            request_id);
+  log::access(printable(request.method) + " " + printable(request.path) + " " + std::to_string(resp.status) + " " +
+                  std::to_string(ms) + "ms",
+              request_id);
   return resp;
 }
 

@@ -265,6 +265,7 @@ int run_server(const Config& config, const std::string& banner) {
   sweeper.reset();
   heartbeat.reset();  // stopped first, so the row removed below stays removed
   keys.retire();
+  log::flush();
   return 0;
 }
 

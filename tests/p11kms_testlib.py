@@ -35,6 +35,10 @@ import time
 
 import requests
 
+# The server writes its per-request access lines from a background thread within 50 ms
+# (common/log.hpp, kAccessFlushIntervalMs); a log read waits twice that, so that it sees them.
+ACCESS_LOG_DELAY_S = 0.1
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE_DIR = os.environ.get("P11KMS_SOURCE_DIR") or os.path.dirname(HERE)
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -262,13 +266,10 @@ class DevServer:
     # -- files -------------------------------------------------------------------------------
 
     def log(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return self.log_bytes().decode("utf-8", "replace")
 
     def log_bytes(self):
+        time.sleep(ACCESS_LOG_DELAY_S)
         try:
             with open(self.log_path, "rb") as f:
                 return f.read()

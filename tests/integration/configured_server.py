@@ -207,6 +207,7 @@ class ConfiguredServer:
                                     timeout=timeout)
 
     def log(self):
+        time.sleep(tl.ACCESS_LOG_DELAY_S)
         try:
             with open(self.log_path, "rb") as f:
                 return f.read().decode("utf-8", "replace")
