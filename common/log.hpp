@@ -18,7 +18,7 @@ inline void error(const std::string& m, const std::string& rid = {}) { write(Lev
 inline void debug(const std::string& m, const std::string& rid = {}) { write(Level::debug, m, rid); }
 
 // The line per request (level info): buffered and written by a background thread within
-// kAccessFlushInterval, or sooner when lines pile up, so that a request costs no write(2).
+// kAccessFlushIntervalMs, or sooner when lines pile up, so that a request costs no write(2).
 void access(const std::string& message, const std::string& request_id);
 inline constexpr int kAccessFlushIntervalMs = 50;
 

@@ -82,35 +82,41 @@ void write_from_threads(int threads, int count, size_t padding, bool access = fa
   for (auto& th : ts) th.join();
 }
 
-int temp_file() {
-  char path[] = "/tmp/p11kms-log-test-XXXXXX";
-  int fd = ::mkstemp(path);
-  if (fd >= 0) ::unlink(path);
-  return fd;
-}
-
-std::string contents(int fd) {
-  std::string text;
-  char buf[65536];
-  for (off_t at = 0;;) {
-    ssize_t n = ::pread(fd, buf, sizeof buf, at);
-    if (n <= 0) return text;
-    text.append(buf, static_cast<size_t>(n));
-    at += n;
+// fd 2 goes to a fresh temporary file for the life of the object; text() is what it holds.
+class CapturedStderr {
+ public:
+  CapturedStderr() : fd_(open_temp()), redirect_(fd_) {}
+  ~CapturedStderr() { ::close(fd_); }
+  bool ok() const { return fd_ >= 0; }
+  std::string text() const {
+    std::string text;
+    char buf[65536];
+    for (off_t at = 0;;) {
+      ssize_t n = ::pread(fd_, buf, sizeof buf, at);
+      if (n <= 0) return text;
+      text.append(buf, static_cast<size_t>(n));
+      at += n;
+    }
   }
-}
+
+ private:
+  static int open_temp() {
+    char path[] = "/tmp/p11kms-log-test-XXXXXX";
+    int fd = ::mkstemp(path);
+    if (fd >= 0) ::unlink(path);
+    return fd;
+  }
+  int fd_;
+  StderrTo redirect_;  // declared after fd_, so it redirects to the file once it is open
+};
 
 }  // namespace
 
 TEST(Log, ConcurrentLinesToAFileStayWhole) {
-  int fd = temp_file();
-  ASSERT_GE(fd, 0);
-  {
-    StderrTo redirect(fd);
-    write_from_threads(4, 2000, 100);
-  }
-  expect_whole_lines(contents(fd), 4, 2000, 100);
-  ::close(fd);
+  CapturedStderr err;
+  ASSERT_TRUE(err.ok());
+  write_from_threads(4, 2000, 100);
+  expect_whole_lines(err.text(), 4, 2000, 100);
 }
 
 // A pipe takes at most PIPE_BUF bytes in one piece; longer lines (a long request path) must not
@@ -143,69 +149,57 @@ TEST(Log, LinesLongerThanAPipeTakesAtOnceStayWholeInAPipe) {
 // Access lines are not written by the request's thread, but they arrive whole, each thread's in
 // order, and flush() leaves none behind.
 TEST(Log, ConcurrentAccessLinesStayWholeAndInOrder) {
-  int fd = temp_file();
-  ASSERT_GE(fd, 0);
-  {
-    StderrTo redirect(fd);
-    write_from_threads(4, 5000, 100, /*access=*/true);
-    log::flush();
-  }
-  expect_whole_lines(contents(fd), 4, 5000, 100);
-  ::close(fd);
+  CapturedStderr err;
+  ASSERT_TRUE(err.ok());
+  write_from_threads(4, 5000, 100, /*access=*/true);
+  log::flush();
+  expect_whole_lines(err.text(), 4, 5000, 100);
 }
 
 // Without a flush, the background writer puts an access line out within its interval, also
 // when it had nothing to do before the line came.
 TEST(Log, AnAccessLineIsWrittenWithinTheFlushInterval) {
-  int fd = temp_file();
-  ASSERT_GE(fd, 0);
-  StderrTo redirect(fd);
+  CapturedStderr err;
+  ASSERT_TRUE(err.ok());
   log::access("GET /v1/sys/health 200 0.1ms", "rid-early");
   log::flush();
   std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the writer is idle now
   log::access("GET /v1/sys/health 200 0.1ms", "rid-late");
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (contents(fd).find("rid-late") == std::string::npos && std::chrono::steady_clock::now() < deadline)
+  while (err.text().find("rid-late") == std::string::npos && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  EXPECT_NE(contents(fd).find("request_id=rid-late GET /v1/sys/health 200 0.1ms"), std::string::npos);
-  ::close(fd);
+  EXPECT_NE(err.text().find("request_id=rid-late GET /v1/sys/health 200 0.1ms"), std::string::npos);
 }
 
 // Any other line goes out at once, after the access lines logged before it: a warning about a
 // request never appears above that request's line.
 TEST(Log, OtherLinesComeAfterTheAccessLinesBeforeThem) {
-  int fd = temp_file();
-  ASSERT_GE(fd, 0);
-  StderrTo redirect(fd);
+  CapturedStderr err;
+  ASSERT_TRUE(err.ok());
   log::access("first", "rid-1");
   log::access("second", "rid-2");
   log::warn("third");
-  auto lines = lines_of(contents(fd));  // no flush, no wait: the warning wrote them
+  auto lines = lines_of(err.text());  // no flush, no wait: the warning wrote them
   ASSERT_EQ(lines.size(), 3u);
   EXPECT_NE(lines[0].find("[info] request_id=rid-1 first"), std::string::npos) << lines[0];
   EXPECT_NE(lines[1].find("[info] request_id=rid-2 second"), std::string::npos) << lines[1];
   EXPECT_NE(lines[2].find("[warn] third"), std::string::npos) << lines[2];
-  ::close(fd);
 }
 
 TEST(Log, LinesBelowTheLevelAreNotWritten) {
-  int fd = temp_file();
-  ASSERT_GE(fd, 0);
-  {
-    StderrTo redirect(fd);
-    log::set_level(log::Level::warn);
-    log::info("quiet");
-    log::access("hidden", "rid-h");
-    log::warn("heard");
-    log::set_level(log::Level::info);
-    log::info("heard too");
-    log::access("shown", "rid-s");
-    log::flush();
-  }
-  auto lines = lines_of(contents(fd));
+  CapturedStderr err;
+  ASSERT_TRUE(err.ok());
+  log::set_level(log::Level::warn);
+  log::info("quiet");
+  log::access("hidden", "rid-h");
+  log::warn("heard");
+  log::set_level(log::Level::info);
+  log::info("heard too");
+  log::access("shown", "rid-s");
+  log::flush();
+  auto lines = lines_of(err.text());
   ASSERT_EQ(lines.size(), 3u);
   EXPECT_NE(lines[0].find(" [warn] heard"), std::string::npos) << lines[0];
   EXPECT_NE(lines[1].find(" [info] heard too"), std::string::npos) << lines[1];
   EXPECT_NE(lines[2].find(" [info] request_id=rid-s shown"), std::string::npos) << lines[2];
-  ::close(fd);
 }
