@@ -4,12 +4,12 @@
 // multipart forms with Kong's dotted names (api/form_body.hpp). Errors in Kong's shape. See
 // docs/api/kong.md.
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
 
 #include <algorithm>
 
 #include "api/api_service.hpp"
 #include "api/form_body.hpp"
+#include "common/digest.hpp"
 #include "common/encoding.hpp"
 #include "common/json_text.hpp"
 #include "keys/jose.hpp"
@@ -305,10 +305,8 @@ Reply set_keys(Context& ctx) {
 
 Reply jwks(Context& ctx) {
   std::string body = kong(ctx).jwks(ctx.tenant, ctx.params.at("id"));
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int n = 0;
-  EVP_Digest(body.data(), body.size(), md, &n, EVP_sha256(), nullptr);
-  std::string etag = "\"" + encoding::hex_encode(md, 16) + "\"";
+  auto md = digest::sha256(body.data(), body.size());
+  std::string etag = "\"" + encoding::hex_encode(md.data(), 16) + "\"";
   http::Headers h = {{"ETag", etag}, {"Cache-Control", "public, max-age=300"}};
   if (auto inm = ctx.request.header("If-None-Match"); inm && (inm->find(etag) != std::string::npos || *inm == "*"))
     return raw(304, nullptr, std::move(h));

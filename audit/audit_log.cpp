@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
-#include <openssl/sha.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/digest.hpp"
 #include "common/encoding.hpp"
 #include "common/log.hpp"
 #include "common/time.hpp"
@@ -58,9 +58,8 @@ Head read_head(store::MetadataStore& store, const std::string& chain) {
 }
 
 std::string sha256_hex(const std::string& s) {
-  unsigned char h[SHA256_DIGEST_LENGTH];
-  SHA256(reinterpret_cast<const unsigned char*>(s.data()), s.size(), h);
-  return encoding::hex_encode(h, sizeof h);
+  auto h = digest::sha256(s.data(), s.size());
+  return encoding::hex_encode(h.data(), h.size());
 }
 
 std::string now_rfc3339() {

@@ -2,6 +2,7 @@
 
 #include <openssl/evp.h>
 
+#include "common/digest.hpp"
 #include "keys/errors.hpp"
 
 namespace p11kms::keys {
@@ -19,11 +20,9 @@ std::vector<uint8_t> digest(const std::string& algorithm, const std::vector<uint
   else
     throw invalid("unsupported hash algorithm \"" + algorithm +
                   "\": algorithm must be sha2-224, sha2-256, sha2-384, sha2-512 or sha3-224/256/384/512");
-  std::vector<uint8_t> out(EVP_MAX_MD_SIZE);
-  unsigned int n = 0;
-  if (EVP_Digest(input.data(), input.size(), out.data(), &n, md, nullptr) != 1)
+  std::vector<uint8_t> out(static_cast<size_t>(EVP_MD_get_size(md)));
+  if (!p11kms::digest::compute(md, input.data(), input.size(), out.data()))
     throw KeyError(ErrorKind::internal, "internal", "hashing failed");
-  out.resize(n);
   return out;
 }
 

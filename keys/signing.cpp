@@ -12,6 +12,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "common/digest.hpp"
 #include "common/encoding.hpp"
 #include "keys/errors.hpp"
 
@@ -85,8 +86,7 @@ size_t hash_size(const std::string& algorithm) { return static_cast<size_t>(EVP_
 std::vector<uint8_t> hash_input(const std::string& algorithm, const std::vector<uint8_t>& input) {
   const EVP_MD* md = require_md(algorithm);
   std::vector<uint8_t> out(static_cast<size_t>(EVP_MD_get_size(md)));
-  unsigned int n = 0;
-  if (EVP_Digest(input.data(), input.size(), out.data(), &n, md, nullptr) != 1)
+  if (!p11kms::digest::compute(md, input.data(), input.size(), out.data()))
     throw KeyError(ErrorKind::internal, "internal", "hashing failed");
   return out;
 }

@@ -1,16 +1,14 @@
 #include "policy/token_auth.hpp"
 
 #include <openssl/crypto.h>
-#include <openssl/sha.h>
 
+#include "common/digest.hpp"
 #include "common/encoding.hpp"
 
 namespace p11kms::policy {
 
 TokenHash sha256_of(const std::string& token) {
-  TokenHash h{};
-  SHA256(reinterpret_cast<const unsigned char*>(token.data()), token.size(), h.data());
-  return h;
+  return digest::sha256(token.data(), token.size());
 }
 
 std::optional<TokenHash> parse_token_hash(const std::string& hex) {
