@@ -30,7 +30,7 @@ namespace fs = std::filesystem;
 const std::map<std::string, std::set<std::string>>& known_keys() {
   static const std::map<std::string, std::set<std::string>> k = {
       {"", {"listen", "hsm", "store", "auth", "policies", "audit", "keyring", "jwks", "byok", "limits", "cluster"}},
-      {"listen", {"address", "tls", "threads"}},
+      {"listen", {"address", "tls", "threads", "handler_threads"}},
       {"listen.tls", {"cert_file", "key_file", "client_ca_file"}},
       {"hsm", {"module", "token_label", "pin_file", "pin_env", "sessions", "session_copies", "serialize_batches", "compose_gcm"}},
       {"store", {"driver", "path", "dsn", "password_file"}},
@@ -265,6 +265,8 @@ Config parse_config_tree(const std::string& text, const std::string& base_dir) {
       if (t["client_ca_file"]) c.tls.client_ca_file = absolute(str(t["client_ca_file"], "listen.tls.client_ca_file"), base_dir);
     }
     if (l["threads"]) c.http_threads = static_cast<size_t>(integer(l["threads"], "listen.threads", 2, 1024));
+    if (l["handler_threads"])
+      c.http_handler_threads = static_cast<size_t>(integer(l["handler_threads"], "listen.handler_threads", 0, 1024));
   }
   if (auto h = root["hsm"]) {
     check_keys(h, "hsm", "hsm");

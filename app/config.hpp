@@ -60,6 +60,9 @@ struct Config {
     uint64_t max_bytes = 104857600;
   } audit;
   size_t http_threads = 0;  // listen.threads; 0: one per CPU core (at least 2)
+  // listen.handler_threads: the pool that runs handlers under load (api/http/types.hpp);
+  // absent: as many as listener threads; 0: handlers always run on the listener threads
+  std::optional<size_t> http_handler_threads;
   keys::ByokOptions byok;  // byok: region, validation_interval, in_use_window, max_keys
   struct Cluster {  // several instances on one store: intent leases, heartbeats, the sweeper
     int64_t intent_lease_s = 60;

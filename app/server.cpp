@@ -46,7 +46,8 @@ void reload_access(const Config& running, policy::AccessControl& access) {
     access.replace(std::make_shared<policy::AccessRules>(next.tokens, next.policies));
     log::info("SIGHUP: reloaded " + std::to_string(next.tokens.size()) + " tokens and " +
               std::to_string(next.policies.size()) + " policies from " + running.source_file);
-    if (next.listen_address != running.listen_address || next.hsm.module != running.hsm.module ||
+    if (next.listen_address != running.listen_address || next.http_threads != running.http_threads ||
+        next.http_handler_threads != running.http_handler_threads || next.hsm.module != running.hsm.module ||
         next.hsm.token_label != running.hsm.token_label || next.store.path != running.store.path ||
         next.store.dsn != running.store.dsn)
       log::warn("SIGHUP: listen, hsm and store settings changed in the file; they take effect at restart");
@@ -191,6 +192,9 @@ int run_server(const Config& config, const std::string& banner) {
   // measured on 2 cores, 40 threads served a third of what 2 did at c16 (docs/PERFORMANCE.md).
   so.threads = config.http_threads ? config.http_threads
                                    : std::max<size_t>(2, std::thread::hardware_concurrency());
+  // As many handler threads as listener threads: under load the listener threads then only read
+  // and write while as many handlers run as there are cores (docs/PERFORMANCE.md section 15).
+  so.handler_threads = config.http_handler_threads.value_or(so.threads);
   if (!config.tls.cert_file.empty()) {
     try {
       api::http::TlsOptions tls;

@@ -4,10 +4,15 @@
 // client cannot pin a worker). This is the only translation unit that includes Beast; dialects
 // and the API service see only api/http/types.hpp.
 //
-// Model: one io_context run by options.threads threads. Every connection lives on its own strand
-// and serves one request at a time; reads are asynchronous, so a connection whose request is not
-// complete holds no thread. The handler blocks (PKCS#11, database) and runs synchronously in the
-// read completion of its connection, as it did on cpprestsdk's pool.
+// Model: one io_context run by options.threads threads ("p11kms-http"). Every connection lives
+// on its own strand and serves one request at a time; reads are asynchronous, so a connection
+// whose request is not complete holds no thread. The handler blocks (PKCS#11, database). At low
+// concurrency it runs synchronously in the read completion of its connection; once more than
+// 2 x threads requests are in progress, it is queued for the handler pool
+// (options.handler_threads, "p11kms-handler") and its response is written back on the
+// connection's strand. Measured on 2 cores (docs/PERFORMANCE.md section 15): the hand-over halves
+// the rate of a single client (two more wake-ups per request), while at 64 connections keeping
+// the listener threads to I/O served more requests with less CPU per request.
 //
 // Deadlines (limits.read_timeout_s): an idle connection (after accept, the TLS handshake or a
 // response) is closed when no byte of a next request arrives in time; once a request's first
@@ -32,11 +37,14 @@
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <pthread.h>
 #include <strings.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
 #include <limits>
 #include <type_traits>
 #include <map>
@@ -172,6 +180,69 @@ bool parse_target(std::string_view target, Request& r) {
   return true;
 }
 
+// Runs handlers handed over by the listener threads, in arrival order. The queue needs no bound:
+// a connection has at most one request in it.
+class HandlerPool {
+ public:
+  explicit HandlerPool(size_t n) {
+    threads_.reserve(n);
+    for (size_t i = 0; i < n; ++i)
+      threads_.emplace_back([this] {
+        pthread_setname_np(pthread_self(), "p11kms-handler");
+        run();
+      });
+  }
+  ~HandlerPool() { stop(); }
+
+  void post(std::function<void()> task) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      tasks_.push_back(std::move(task));
+    }
+    cv_.notify_one();
+  }
+
+  // Finishes the tasks running now; the queued ones are dropped (their connections are closed).
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (stopping_) return;
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_)
+      if (t.joinable()) t.join();
+    std::deque<std::function<void()>> dropped;
+    std::lock_guard<std::mutex> lk(mu_);
+    dropped.swap(tasks_);
+  }
+
+ private:
+  void run() {
+    for (;;) {
+      std::function<void()> task;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [this] { return stopping_ || !tasks_.empty(); });
+        if (stopping_) return;
+        task = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      try {
+        task();
+      } catch (const std::exception& e) {
+        log::error(std::string("http: handler thread: ") + e.what());
+      }
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> tasks_;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+};
+
 struct Shared;
 
 // A connection: plain (beast::tcp_stream) or TLS (ssl_stream over it).
@@ -196,6 +267,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   void on_header(error_code ec);
   void on_body(error_code ec);
   void serve(Request& r, bool close_after);
+  std::shared_ptr<bhttp::response<bhttp::string_body>> respond(Request& r, bool close_after);
   void write(std::shared_ptr<bhttp::response<bhttp::string_body>> res, bool close_after);
   void plain_reply(int status, const std::string& body);
   void finish(bool unread_input);
@@ -216,6 +288,9 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
 struct Shared {
   ServerOptions options;
   Handler handler;
+  HandlerPool* pool = nullptr;  // the server's, when options.handler_threads > 0
+  size_t inline_limit = 0;      // requests served at once beyond which handlers go to the pool
+  std::atomic<size_t> in_progress{0};  // requests read and not yet answered
   std::atomic<bool> stopping{false};
   std::mutex mu;
   // One closer per connection: close(true) closes on the connection's strand, close(false)
@@ -391,6 +466,21 @@ void Session<Stream>::on_body(error_code ec) {
 
 template <class Stream>
 void Session<Stream>::serve(Request& r, bool close_after) {
+  size_t in_progress = shared_->in_progress.fetch_add(1, std::memory_order_relaxed) + 1;  // until written
+  if (shared_->pool && in_progress > shared_->inline_limit) {
+    shared_->pool->post([self = this->shared_from_this(), req = std::make_shared<Request>(std::move(r)), close_after] {
+      auto res = self->respond(*req, close_after);
+      net::post(self->executor(), [self, res = std::move(res), close_after]() mutable { self->write(std::move(res), close_after); });
+    });
+    return;
+  }
+  write(respond(r, close_after), close_after);
+}
+
+// Runs the handler and builds the response; on a handler thread the connection is idle meanwhile
+// (no operation of it is pending until the response is written).
+template <class Stream>
+std::shared_ptr<bhttp::response<bhttp::string_body>> Session<Stream>::respond(Request& r, bool close_after) {
   Response resp;
   try {
     resp = shared_->handler(r);
@@ -429,7 +519,7 @@ void Session<Stream>::serve(Request& r, bool close_after) {
   res->body() = std::move(resp.body);
   res->prepare_payload();
   res->keep_alive(!close_after && !shared_->stopping);
-  write(std::move(res), close_after);
+  return res;
 }
 
 template <class Stream>
@@ -438,6 +528,7 @@ void Session<Stream>::write(std::shared_ptr<bhttp::response<bhttp::string_body>>
   tcp().expires_after(timeout());
   bhttp::async_write(stream_, *res, [self = this->shared_from_this(), res, close_after, unread_input](error_code ec, size_t) {
     wipe(res->body());
+    self->shared_->in_progress.fetch_sub(1, std::memory_order_relaxed);
     if (ec) {
       log::debug("http: reply to " + self->remote_ + " not delivered: " + ec.message());
       return self->close();
@@ -519,9 +610,15 @@ class BeastServer : public Server {
     listen(options.address);
     accept();
     size_t n = std::max<size_t>(1, options.threads);
+    if (options.handler_threads > 0) {
+      pool_ = std::make_unique<HandlerPool>(options.handler_threads);
+      shared_->pool = pool_.get();
+      shared_->inline_limit = options.inline_limit.value_or(2 * n);
+    }
     threads_.reserve(n);
     for (size_t i = 0; i < n; ++i)
       threads_.emplace_back([this] {
+        pthread_setname_np(pthread_self(), "p11kms-http");
         for (;;) {
           try {
             ioc_.run();
@@ -550,6 +647,7 @@ class BeastServer : public Server {
     ioc_.stop();
     for (auto& t : threads_)
       if (t.joinable()) t.join();
+    if (pool_) pool_->stop();  // no listener thread is left to hand it more
     error_code ec;
     acceptor_.close(ec);
     shared_->close_all(false);  // what is left; no thread runs the io_context any more
@@ -617,6 +715,7 @@ class BeastServer : public Server {
 
   std::shared_ptr<Shared> shared_;
   std::optional<ssl::context> tls_;
+  std::unique_ptr<HandlerPool> pool_;
   net::io_context ioc_;  // destroyed before the members above: pending handlers may hold them
   tcp::acceptor acceptor_;
   net::steady_timer retry_timer_;

@@ -55,7 +55,14 @@ struct ServerOptions {
   size_t max_body_bytes = 1 << 20;
   size_t max_header_bytes = 16384;
   int read_timeout_s = 30;
-  size_t threads = 2;  // threads running the listener (and the blocking handlers), fixed at start
+  size_t threads = 2;  // threads running the listener (and handlers run inline), fixed at start
+  // Threads that run handlers handed over by the listener threads. While at most inline_limit
+  // requests are in progress (read, not yet answered), a request's handler runs on the listener
+  // thread that read it (no hand-over: the fastest at low concurrency); beyond that, it is queued
+  // for this pool, so the listener threads keep reading and writing for every other connection.
+  // 0: every handler runs inline, as on a listener with no pool.
+  size_t handler_threads = 0;
+  std::optional<size_t> inline_limit;  // absent: 2 x threads
 };
 
 class Server {

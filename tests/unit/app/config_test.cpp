@@ -53,6 +53,7 @@ const std::string kMtls = "listen:\n  tls:\n    cert_file: /c.pem\n    key_file:
 TEST(ParseConfig, MinimalConfigGetsDefaults) {
   auto c = app::parse_config(kMinimal, kBase);
   EXPECT_EQ(c.listen_address, "127.0.0.1:8200");
+  EXPECT_FALSE(c.http_handler_threads.has_value());  // absent: as many as listener threads
   EXPECT_EQ(c.hsm.sessions, 8u);
   EXPECT_TRUE(c.hsm.session_copies);
   EXPECT_EQ(c.hsm.module, "/usr/lib/softhsm/libsofthsm2.so");
@@ -97,7 +98,7 @@ TEST(ParseConfig, BareModuleNameLeftForTheLoader) {
 
 TEST(ParseConfig, FullValidConfig) {
   auto c = app::parse_config(
-      "listen:\n  address: 0.0.0.0:9000\n  threads: 16\n"
+      "listen:\n  address: 0.0.0.0:9000\n  threads: 16\n  handler_threads: 0\n"
       "hsm:\n  module: /opt/hsm.so\n  token_label: prod\n  pin_env: HSM_PIN\n  sessions: 32\n"
       "store:\n  driver: sqlite\n  path: /data/p.db\n"
       "auth:\n  tokens:\n"
@@ -110,6 +111,7 @@ TEST(ParseConfig, FullValidConfig) {
       kBase);
   EXPECT_EQ(c.listen_address, "0.0.0.0:9000");
   EXPECT_EQ(c.http_threads, 16u);
+  EXPECT_EQ(c.http_handler_threads, std::optional<size_t>(0));  // 0 is allowed: no pool
   EXPECT_EQ(c.hsm.module, "/opt/hsm.so");
   EXPECT_EQ(c.hsm.token_label, "prod");
   EXPECT_EQ(c.hsm.pin_env, "HSM_PIN");
@@ -394,6 +396,8 @@ TEST(ParseConfig, OutOfRangeLimitsRefusedNamingTheKey) {
   expect_config_error(kMinimal + "limits:\n  max_key_name_length: 0\n", "limits.max_key_name_length");
   expect_config_error(kMinimal + "limits:\n  read_timeout_s: 0\n", "limits.read_timeout_s");
   expect_config_error("listen:\n  threads: 1\n" + kMinimal, "listen.threads");
+  expect_config_error("listen:\n  handler_threads: -1\n" + kMinimal, "listen.handler_threads");
+  expect_config_error("listen:\n  handler_threads: 1025\n" + kMinimal, "listen.handler_threads");
 }
 
 TEST(ParseConfig, RangeBoundsAccepted) {
