@@ -468,7 +468,13 @@ template <class Stream>
 void Session<Stream>::serve(Request& r, bool close_after) {
   size_t in_progress = shared_->in_progress.fetch_add(1, std::memory_order_relaxed) + 1;  // until written
   if (shared_->pool && in_progress > shared_->inline_limit) {
-    shared_->pool->post([self = this->shared_from_this(), req = std::make_shared<Request>(std::move(r)), close_after] {
+    // Wiped as respond() wipes it, also when the pool drops the request at shutdown.
+    std::shared_ptr<Request> req(new Request(std::move(r)), [](Request* q) {
+      wipe(q->body);
+      for (auto& header : q->headers) wipe(header.second);
+      delete q;
+    });
+    shared_->pool->post([self = this->shared_from_this(), req = std::move(req), close_after] {
       auto res = self->respond(*req, close_after);
       net::post(self->executor(), [self, res = std::move(res), close_after]() mutable { self->write(std::move(res), close_after); });
     });
