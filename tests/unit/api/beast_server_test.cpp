@@ -114,6 +114,17 @@ size_t concurrent_posts(const std::string& address, int n) {
   return own;
 }
 
+// n clients at once, each handler taking 5 ms: all answered with their own body, all handlers
+// run on threads named `on`, none on `not_on`.
+void expect_concurrent_handlers_on(const ServerOptions& o, int n, const std::string& on, const std::string& not_on) {
+  Recorder rec;
+  rec.delay = std::chrono::milliseconds(5);
+  auto server = start_server(o, rec.handler());
+  EXPECT_EQ(concurrent_posts(server->bound_address(), n), static_cast<size_t>(n));
+  EXPECT_EQ(rec.count(on), static_cast<size_t>(n));
+  EXPECT_EQ(rec.count(not_on), 0u);
+}
+
 TEST(BeastServer, OneRequestAtATimeRunsOnTheListenerThread) {
   Recorder rec;
   auto server = start_server(options(2), rec.handler());
@@ -126,12 +137,7 @@ TEST(BeastServer, OneRequestAtATimeRunsOnTheListenerThread) {
 // over, so the pool's path is tested deterministically (its effect under load is measured by
 // scripts/bench, docs/PERFORMANCE.md section 15).
 TEST(BeastServer, BeyondTheInlineLimitHandlersRunOnThePoolAndAnswerTheirOwnRequest) {
-  Recorder rec;
-  rec.delay = std::chrono::milliseconds(5);
-  auto server = start_server(options(2, 0), rec.handler());
-  EXPECT_EQ(concurrent_posts(server->bound_address(), 16), 16u);
-  EXPECT_EQ(rec.count("p11kms-handler"), 16u);
-  EXPECT_EQ(rec.count("p11kms-http"), 0u);
+  expect_concurrent_handlers_on(options(2, 0), 16, "p11kms-handler", "p11kms-http");
 }
 
 TEST(BeastServer, HandlerExceptionOnThePoolIsA500AndThePoolKeepsServing) {
@@ -149,12 +155,7 @@ TEST(BeastServer, HandlerExceptionOnThePoolIsA500AndThePoolKeepsServing) {
 }
 
 TEST(BeastServer, WithoutAPoolEveryHandlerRunsOnAListenerThread) {
-  Recorder rec;
-  rec.delay = std::chrono::milliseconds(10);
-  auto server = start_server(options(0), rec.handler());
-  EXPECT_EQ(concurrent_posts(server->bound_address(), 12), 12u);
-  EXPECT_EQ(rec.count("p11kms-http"), 12u);
-  EXPECT_EQ(rec.count("p11kms-handler"), 0u);
+  expect_concurrent_handlers_on(options(0), 12, "p11kms-http", "p11kms-handler");
 }
 
 TEST(BeastServer, StopsWithRequestsQueuedForThePool) {
