@@ -475,6 +475,9 @@ void Session<Stream>::serve(Request& r, bool close_after) {
       delete q;
     });
     shared_->pool->post([self = this->shared_from_this(), req = std::move(req), close_after] {
+      // Shutting down: its connection is being closed and the client will get no answer, so the
+      // operation must not run after the client saw the connection end.
+      if (self->shared_->stopping) return;
       auto res = self->respond(*req, close_after);
       net::post(self->executor(), [self, res = std::move(res), close_after]() mutable { self->write(std::move(res), close_after); });
     });
