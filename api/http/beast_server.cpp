@@ -12,7 +12,9 @@
 // (options.handler_threads, "p11kms-handler") and its response is written back on the
 // connection's strand. Measured on 2 cores (docs/PERFORMANCE.md section 15): the hand-over halves
 // the rate of a single client (two more wake-ups per request), while at 64 connections keeping
-// the listener threads to I/O served more requests with less CPU per request.
+// the listener threads to I/O served more requests with less CPU per request. While the pool's
+// handlers are CPU-bound, the listener threads stop preempting them (listener_yields_to_handlers,
+// section 16).
 //
 // Deadlines (limits.read_timeout_s): an idle connection (after accept, the TLS handshake or a
 // response) is closed when no byte of a next request arrives in time; once a request's first
@@ -38,7 +40,9 @@
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <pthread.h>
+#include <sched.h>
 #include <strings.h>
+#include <time.h>
 
 #include <algorithm>
 #include <atomic>
@@ -181,7 +185,8 @@ bool parse_target(std::string_view target, Request& r) {
 }
 
 // Runs handlers handed over by the listener threads, in arrival order. The queue needs no bound:
-// a connection has at most one request in it.
+// a connection has at most one request in it. It also tells whether its handlers are CPU-bound
+// (a software token signing, large batches): then the listener threads stop preempting them.
 class HandlerPool {
  public:
   explicit HandlerPool(size_t n) {
@@ -217,8 +222,27 @@ class HandlerPool {
     dropped.swap(tasks_);
   }
 
+  // Whether the pool's recent handlers spent more CPU than kCpuHeavyNs each (see there), and it
+  // is still busy: it sampled one lately. Without the second condition the listener threads would
+  // stay yielding after a burst while they serve a light load themselves.
+  bool cpu_heavy(std::chrono::steady_clock::time_point now) const {
+    return cpu_heavy_.load(std::memory_order_relaxed) &&
+           now.time_since_epoch().count() - last_sample_.load(std::memory_order_relaxed) < kBusyWithin.count();
+  }
+
  private:
+  // CPU per handler above which the handlers count as CPU-bound, and below which no longer:
+  // between the two the state stays, so a load near one threshold does not switch the listener
+  // threads back and forth. Measured per handler on 2 cores (docs/PERFORMANCE.md section 16):
+  // encrypt ~10 us, hmac ~20 us, sign ecdsa-p256 ~60 us, a batch of 100 ~160 us, ed25519 ~190 us.
+  static constexpr int64_t kCpuHeavyNs = 45'000;
+  static constexpr int64_t kCpuLightNs = 30'000;
+  // A thread's CPU clock is a system call, not vDSO: every 8th task is sample enough.
+  static constexpr unsigned kSampleEvery = 8;
+  static constexpr std::chrono::steady_clock::duration kBusyWithin = std::chrono::milliseconds(100);
+
   void run() {
+    unsigned tasks_run = 0;
     for (;;) {
       std::function<void()> task;
       {
@@ -228,20 +252,61 @@ class HandlerPool {
         task = std::move(tasks_.front());
         tasks_.pop_front();
       }
+      bool sample = ++tasks_run % kSampleEvery == 0;
+      timespec t0{};
+      if (sample) clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
       try {
         task();
       } catch (const std::exception& e) {
         log::error(std::string("http: handler thread: ") + e.what());
+        sample = false;
       }
+      if (sample) note_cpu(t0);
     }
   }
 
+  // An average over the last few sampled tasks; two threads may race on it and lose an update,
+  // which an estimate can afford.
+  void note_cpu(const timespec& t0) {
+    timespec t1{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+    int64_t ns = (t1.tv_sec - t0.tv_sec) * 1'000'000'000LL + (t1.tv_nsec - t0.tv_nsec);
+    int64_t avg = cpu_ns_avg_.load(std::memory_order_relaxed);
+    avg += (ns - avg) / 4;
+    cpu_ns_avg_.store(avg, std::memory_order_relaxed);
+    if (avg > kCpuHeavyNs) cpu_heavy_.store(true, std::memory_order_relaxed);
+    else if (avg < kCpuLightNs) cpu_heavy_.store(false, std::memory_order_relaxed);
+    last_sample_.store(std::chrono::steady_clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+  }
+
+  std::atomic<int64_t> cpu_ns_avg_{0};
+  std::atomic<std::chrono::steady_clock::rep> last_sample_{0};
+  std::atomic<bool> cpu_heavy_{false};
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> tasks_;
   bool stopping_ = false;
   std::vector<std::thread> threads_;
 };
+
+// While the handler pool is busy with CPU-bound handlers, a listener thread runs as SCHED_BATCH:
+// woken by a connection, it no longer preempts a handler mid-operation but waits for a core (a
+// handler finishing, or the end of its time slice) and then serves every connection ready by
+// then. Measured on 2 cores (docs/PERFORMANCE.md section 16): the listener threads woke about
+// once per request and preempted a signing handler each time; batched, both spent less CPU per
+// request. Threads the operator gave another policy (chrt) are left alone.
+void listener_yields_to_handlers(bool yield) {
+  enum : int { kUnknown, kNormal, kBatch, kLeftAlone };
+  thread_local int state = kUnknown;
+  if (state == kUnknown) state = sched_getscheduler(0) == SCHED_OTHER ? kNormal : kLeftAlone;
+  if (state == kLeftAlone || (state == kBatch) == yield) return;
+  sched_param param{};
+  if (sched_setscheduler(0, yield ? SCHED_BATCH : SCHED_OTHER, &param) != 0) {
+    state = kLeftAlone;
+    return;
+  }
+  state = yield ? kBatch : kNormal;
+}
 
 struct Shared;
 
@@ -467,6 +532,7 @@ void Session<Stream>::on_body(error_code ec) {
 template <class Stream>
 void Session<Stream>::serve(Request& r, bool close_after) {
   size_t in_progress = shared_->in_progress.fetch_add(1, std::memory_order_relaxed) + 1;  // until written
+  if (shared_->pool) listener_yields_to_handlers(shared_->pool->cpu_heavy(std::chrono::steady_clock::now()));
   if (shared_->pool && in_progress > shared_->inline_limit) {
     // Wiped as respond() wipes it, also when the pool drops the request at shutdown.
     std::shared_ptr<Request> req(new Request(std::move(r)), [](Request* q) {

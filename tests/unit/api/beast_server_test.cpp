@@ -1,17 +1,21 @@
 // The listener adapter (api/http/beast_server.cpp) with real sockets on 127.0.0.1: which thread
 // runs a handler (the listener thread that read the request, or the handler pool under load),
-// that every response goes back to its own request, and that stopping with requests queued for
-// the pool neither hangs nor crashes.
+// that every response goes back to its own request, that stopping with requests queued for the
+// pool neither hangs nor crashes, and that listener threads yield to CPU-bound handlers.
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
@@ -180,6 +184,80 @@ TEST(BeastServer, StopsWithRequestsQueuedForThePool) {
   // never started (at most one more may have begun between the count above and stop()).
   EXPECT_EQ(answered.load(), 0);
   EXPECT_LE(rec.count("p11kms-handler"), started_before_stop + 1);
+}
+
+// The ids of this process's threads named `name` (from /proc/self/task).
+std::vector<pid_t> threads_named(const std::string& name) {
+  std::vector<pid_t> out;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string n;
+    std::getline(comm, n);
+    if (n == name) out.push_back(static_cast<pid_t>(std::stol(task.path().filename().string())));
+  }
+  return out;
+}
+
+// Burns `us` microseconds of this thread's CPU (not wall time: a preempted thread burns on).
+void burn_cpu(long us) {
+  timespec t0{}, t{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+  do {
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  } while ((t.tv_sec - t0.tv_sec) * 1000000L + (t.tv_nsec - t0.tv_nsec) / 1000 < us);
+}
+
+// A handler that burns 300 us of CPU for the body "heavy" and answers at once otherwise.
+Response cpu_handler(const Request& r) {
+  if (r.body == "heavy") burn_cpu(300);
+  Response res;
+  res.body = r.body;
+  return res;
+}
+
+// One listener thread, so that every request passes through the thread whose policy is checked.
+ServerOptions one_listener_all_to_the_pool() {
+  ServerOptions o = options(1, 0);
+  o.threads = 1;
+  return o;
+}
+
+// Sequential requests: the pool's average CPU per handler follows them, and the listener thread
+// reads it as each next request arrives (the last one below only carries that reading).
+void post_n(const std::string& address, const std::string& body, int n) {
+  for (int i = 0; i < n; ++i) ASSERT_EQ(body_of(post(address, body)), body);
+}
+
+TEST(BeastServer, ListenerThreadYieldsToCpuBoundHandlersAndStopsWhenTheyAreLight) {
+  auto server = start_server(one_listener_all_to_the_pool(), cpu_handler);
+  std::string address = server->bound_address();
+  post_n(address, "light", 16);
+  auto listeners = threads_named("p11kms-http");
+  ASSERT_EQ(listeners.size(), 1u);
+  EXPECT_EQ(sched_getscheduler(listeners[0]), SCHED_OTHER);
+
+  post_n(address, "heavy", 64);
+  post_n(address, "light", 1);
+  EXPECT_EQ(sched_getscheduler(listeners[0]), SCHED_BATCH);
+  for (pid_t handler : threads_named("p11kms-handler")) EXPECT_EQ(sched_getscheduler(handler), SCHED_OTHER);
+
+  post_n(address, "light", 200);
+  EXPECT_EQ(sched_getscheduler(listeners[0]), SCHED_OTHER);
+}
+
+TEST(BeastServer, ListenerThreadWithAPolicyOfTheOperatorsIsLeftAlone) {
+  auto server = start_server(one_listener_all_to_the_pool(), cpu_handler);
+  std::vector<pid_t> listeners;
+  for (int i = 0; i < 200 && listeners.empty(); ++i) {  // the thread names itself once running
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    listeners = threads_named("p11kms-http");
+  }
+  ASSERT_EQ(listeners.size(), 1u);
+  sched_param param{};
+  ASSERT_EQ(sched_setscheduler(listeners[0], SCHED_IDLE, &param), 0);  // as `chrt -i -p 0` would
+  post_n(server->bound_address(), "heavy", 64);
+  post_n(server->bound_address(), "light", 1);
+  EXPECT_EQ(sched_getscheduler(listeners[0]), SCHED_IDLE);
 }
 
 }  // namespace
