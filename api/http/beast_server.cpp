@@ -292,9 +292,10 @@ class HandlerPool {
 // While the handler pool is busy with CPU-bound handlers, a listener thread runs as SCHED_BATCH:
 // woken by a connection, it no longer preempts a handler mid-operation but waits for a core (a
 // handler finishing, or the end of its time slice) and then serves every connection ready by
-// then. Measured on 2 cores (docs/PERFORMANCE.md section 16): the listener threads woke about
-// once per request and preempted a signing handler each time; batched, both spent less CPU per
-// request. Threads the operator gave another policy (chrt) are left alone.
+// then. Measured on 2 cores (docs/PERFORMANCE.md section 16): signing ed25519, the listener
+// threads woke about twice per request between them and the handlers were preempted 1.3 times
+// per request; batched, both spent less CPU per request. Threads the operator gave another
+// policy (chrt) are left alone.
 void listener_yields_to_handlers(bool yield) {
   enum : int { kUnknown, kNormal, kBatch, kLeftAlone };
   thread_local int state = kUnknown;
