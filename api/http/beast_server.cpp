@@ -223,11 +223,11 @@ class HandlerPool {
   }
 
   // Whether the pool's recent handlers spent more CPU than kCpuHeavyNs each (see there), and it
-  // is still busy: it sampled one lately. Without the second condition the listener threads would
+  // is still busy: it started one lately. Without the second condition the listener threads would
   // stay yielding after a burst while they serve a light load themselves.
   bool cpu_heavy(std::chrono::steady_clock::time_point now) const {
     return cpu_heavy_.load(std::memory_order_relaxed) &&
-           now.time_since_epoch().count() - last_sample_.load(std::memory_order_relaxed) < kBusyWithin.count();
+           now.time_since_epoch().count() - last_start_.load(std::memory_order_relaxed) < kBusyWithin.count();
   }
 
  private:
@@ -252,6 +252,7 @@ class HandlerPool {
         task = std::move(tasks_.front());
         tasks_.pop_front();
       }
+      last_start_.store(std::chrono::steady_clock::now().time_since_epoch().count(), std::memory_order_relaxed);
       bool sample = ++tasks_run % kSampleEvery == 0;
       timespec t0{};
       if (sample) clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
@@ -276,11 +277,10 @@ class HandlerPool {
     cpu_ns_avg_.store(avg, std::memory_order_relaxed);
     if (avg > kCpuHeavyNs) cpu_heavy_.store(true, std::memory_order_relaxed);
     else if (avg < kCpuLightNs) cpu_heavy_.store(false, std::memory_order_relaxed);
-    last_sample_.store(std::chrono::steady_clock::now().time_since_epoch().count(), std::memory_order_relaxed);
   }
 
   std::atomic<int64_t> cpu_ns_avg_{0};
-  std::atomic<std::chrono::steady_clock::rep> last_sample_{0};
+  std::atomic<std::chrono::steady_clock::rep> last_start_{0};
   std::atomic<bool> cpu_heavy_{false};
   std::mutex mu_;
   std::condition_variable cv_;
