@@ -319,6 +319,17 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   Session(std::shared_ptr<Shared> shared, std::string remote, Args&&... args)
       : shared_(std::move(shared)), remote_(std::move(remote)), stream_(std::forward<Args>(args)...) {}
 
+  // A connection can end without its request reaching respond() (a timeout, a malformed request,
+  // shutdown with the request queued for the pool): its raw bytes and the parser's copies of the
+  // header values (tokens) and body are wiped here, as respond() wipes them otherwise.
+  ~Session() {
+    discard_parser();
+    buffer_.clear();
+    auto raw = buffer_.prepare(buffer_.capacity());
+    OPENSSL_cleanse(raw.data(), raw.size());
+    OPENSSL_cleanse(drain_buf_, sizeof(drain_buf_));  // the tail of a body left unread
+  }
+
   void start();
   void close() { beast::get_lowest_layer(stream_).close(); }  // the socket and its deadline timer
   auto executor() { return beast::get_lowest_layer(stream_).get_executor(); }
@@ -337,6 +348,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   void write(std::shared_ptr<bhttp::response<bhttp::string_body>> res, bool close_after);
   void plain_reply(int status, const std::string& body);
   void finish(bool unread_input);
+  void discard_parser();
   void drain();
   void shutdown_and_close();
 
@@ -610,9 +622,22 @@ void Session<Stream>::write(std::shared_ptr<bhttp::response<bhttp::string_body>>
       return self->close();
     }
     if (close_after || !res->keep_alive()) return self->finish(unread_input);
-    self->parser_.reset();
+    self->discard_parser();
     self->wait_for_request();
   });
+}
+
+// The parser holds its own copies of the header values and of the body (unless moved out).
+template <class Stream>
+void Session<Stream>::discard_parser() {
+  if (!parser_) return;
+  auto& req = parser_->get();
+  for (auto& field : req) {
+    auto value = field.value();
+    OPENSSL_cleanse(const_cast<char*>(value.data()), value.size());
+  }
+  wipe(req.body());
+  parser_.reset();
 }
 
 // An answer the handler never sees (a request too broken to route), then close.
