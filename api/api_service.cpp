@@ -275,9 +275,9 @@ http::Response ApiService::handle(const http::Request& request) {
   if (std::none_of(resp.headers.begin(), resp.headers.end(),
                    [](const auto& h) { return strcasecmp(h.first.c_str(), "Cache-Control") == 0; }))
     resp.headers.emplace_back("Cache-Control", "no-store");
-  auto ms = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count() / 1000.0;
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count();
   log::access(printable(request.method) + " " + printable(request.path) + " " + std::to_string(resp.status) + " " +
-                  std::to_string(ms) + "ms",
+                  log::duration_ms(us),
               request_id);
   return resp;
 }

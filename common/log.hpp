@@ -22,6 +22,10 @@ inline void debug(const std::string& m, const std::string& rid = {}) { write(Lev
 void access(const std::string& message, const std::string& request_id);
 inline constexpr int kAccessFlushIntervalMs = 50;
 
+// A duration for an access line, in milliseconds with three decimals ("0.052ms",
+// "1234.500ms"); negative input counts as 0.
+std::string duration_ms(long long microseconds);
+
 // Writes out buffered access lines now (shutdown; also registered with atexit).
 void flush();
 

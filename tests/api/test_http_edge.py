@@ -3,6 +3,7 @@ headers, the 413 limit. Handlers run on a fixed number of threads (the listener'
 load the handler pool's: one per core each by default); a handler that blocked on a body read
 would let slow clients starve them and hang the listener."""
 import os
+import re
 import socket
 import sys
 
@@ -109,3 +110,14 @@ def test_a_path_cannot_forge_server_log_lines(server):
     assert "FORGED-LINE" in log  # the request was logged ...
     assert ("\n" + forged) not in log  # ... but not as a line of its own
     assert "\\x0a" in log
+
+
+def test_each_request_gets_one_access_line_with_its_id_status_and_duration(server):
+    r = server.request("GET", "/v1/transit/keys/no-such-key-for-the-access-line")
+    assert r.status_code == 404, describe(r)
+    rid = r.headers["X-Request-Id"]
+    lines = [l for l in server.log().splitlines() if "request_id=" + rid in l]
+    assert len(lines) == 1, lines
+    # As docs/OPERATIONS.md shows it: "... [info] request_id=... GET /path 404 0.052ms"
+    assert re.search(r" \[info\] request_id=%s GET /v1/transit/keys/no-such-key-for-the-access-line 404 "
+                     r"\d+\.\d{3}ms$" % re.escape(rid), lines[0]), lines[0]

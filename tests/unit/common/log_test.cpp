@@ -203,3 +203,13 @@ TEST(Log, LinesBelowTheLevelAreNotWritten) {
   EXPECT_NE(lines[1].find(" [info] heard too"), std::string::npos) << lines[1];
   EXPECT_NE(lines[2].find(" [info] request_id=rid-s shown"), std::string::npos) << lines[2];
 }
+
+TEST(Log, DurationsHaveThreeDecimalsOfAMillisecond) {
+  EXPECT_EQ(log::duration_ms(52), "0.052ms");
+  EXPECT_EQ(log::duration_ms(0), "0.000ms");
+  EXPECT_EQ(log::duration_ms(999), "0.999ms");
+  EXPECT_EQ(log::duration_ms(1000), "1.000ms");
+  EXPECT_EQ(log::duration_ms(12345), "12.345ms");
+  EXPECT_EQ(log::duration_ms(1234500), "1234.500ms");
+  EXPECT_EQ(log::duration_ms(-5), "0.000ms");  // a clock that went back never prints a minus
+}
