@@ -211,5 +211,5 @@ TEST(Log, DurationsHaveThreeDecimalsOfAMillisecond) {
   EXPECT_EQ(log::duration_ms(1000), "1.000ms");
   EXPECT_EQ(log::duration_ms(12345), "12.345ms");
   EXPECT_EQ(log::duration_ms(1234500), "1234.500ms");
-  EXPECT_EQ(log::duration_ms(-5), "0.000ms");  // a clock that went back never prints a minus
+  EXPECT_EQ(log::duration_ms(-5), "0.000ms");  // never a minus sign, whatever the caller passes
 }
