@@ -325,8 +325,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   ~Session() {
     discard_parser();
     buffer_.clear();
-    auto raw = buffer_.prepare(buffer_.capacity());
-    OPENSSL_cleanse(raw.data(), raw.size());
+    wipe_consumed_bytes();
     OPENSSL_cleanse(drain_buf_, sizeof(drain_buf_));  // the tail of a body left unread
   }
 
@@ -349,6 +348,12 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   void plain_reply(int status, const std::string& body);
   void finish(bool unread_input);
   void discard_parser();
+  // A consumed request's raw bytes stay in the buffer's memory until overwritten; wiped once the
+  // buffer holds nothing unread (size() == 0).
+  void wipe_consumed_bytes() {
+    auto raw = buffer_.prepare(buffer_.capacity());
+    OPENSSL_cleanse(raw.data(), raw.size());
+  }
   void drain();
   void shutdown_and_close();
 
@@ -585,10 +590,7 @@ std::shared_ptr<bhttp::response<bhttp::string_body>> Session<Stream>::respond(Re
   }
   wipe(r.body);
   for (auto& header : r.headers) wipe(header.second);  // tokens travel in headers
-  if (buffer_.size() == 0) {  // the raw request bytes, unless a pipelined request follows them
-    auto raw = buffer_.prepare(buffer_.capacity());
-    OPENSSL_cleanse(raw.data(), raw.size());
-  }
+  if (buffer_.size() == 0) wipe_consumed_bytes();  // unless a pipelined request follows them
   auto res = std::make_shared<bhttp::response<bhttp::string_body>>();
   unsigned version = parser_->get().version() == 10 ? 10 : 11;
   res->version(version);
