@@ -104,6 +104,23 @@ void add_mount_routes(Router& router) {
               policy::kSudo});
 }
 
+// Vault's token lookup-self, as hvac's is_authenticated() reads it; also the benchmark's floor.
+Reply lookup_self(Context& ctx) {
+  const auto& t = *ctx.token;
+  json data{{"display_name", "token-" + t.name},
+            {"policies", t.policies},
+            {"namespaces", t.namespaces},
+            {"expire_time", t.expires ? json(timefmt::format_rfc3339(*t.expires)) : json(nullptr)},
+            {"meta", nullptr},
+            {"num_uses", 0},
+            {"orphan", true},
+            {"renewable", false},
+            {"ttl", 0},
+            {"type", "service"},
+            {"path", "auth/token/root"}};
+  return Reply{200, data};
+}
+
 }  // namespace
 
 void add_sys_routes(Router& router, const std::string& version) {
@@ -148,22 +165,19 @@ void add_sys_routes(Router& router, const std::string& version) {
   router.add(health);
 
   router.add({"GET", "auth/token/lookup-self", {}, "Describe the calling token (never the token itself).",
+              lookup_self, 0});
+#ifdef P11KMS_BENCH_ROUTES
+  // Compiled in only by scripts/bench's build (-DP11KMS_BENCH=ON), never in a release or test
+  // build: the floor's work (lookup-self, the same answer) plus the token's signature as the
+  // token benchmark makes R's, nothing else. The roofline assumes such a service reaches
+  // 1/(1/R + 1/F); this route measures what it reaches (docs/PERFORMANCE.md, section 20).
+  router.add({"GET", "sys/bench/floor-sign/:name", {}, "Benchmark only: lookup-self plus one token signature.",
               [](Context& ctx) {
-                const auto& t = *ctx.token;
-                json data{{"display_name", "token-" + t.name},
-                          {"policies", t.policies},
-                          {"namespaces", t.namespaces},
-                          {"expire_time", t.expires ? json(timefmt::format_rfc3339(*t.expires)) : json(nullptr)},
-                          {"meta", nullptr},
-                          {"num_uses", 0},
-                          {"orphan", true},
-                          {"renewable", false},
-                          {"ttl", 0},
-                          {"type", "service"},
-                          {"path", "auth/token/root"}};
-                return Reply{200, data};
+                ctx.keys->sign_as_token_benchmark(keys::KeyRef{ctx.ns, ctx.params.at("name")});
+                return lookup_self(ctx);
               },
               0});
+#endif
   add_mount_routes(router);
 }
 

@@ -1036,6 +1036,26 @@ SignResult KeyService::sign(const KeyRef& ref, const std::vector<uint8_t>& input
   });
 }
 
+void KeyService::sign_as_token_benchmark(const KeyRef& ref) {
+  guarded([&] {
+    static const std::vector<uint8_t> kBytes(32, 0x5a);
+    auto key = load_for_signing(ref);
+    const auto& v = key->encryption_version(0);
+    KeyType type = key->type();
+    if (type == KeyType::ed25519) {
+      token_.sign(material_handle(*key, v), CKM_EDDSA, nullptr, 0, kBytes.data(), kBytes.size());
+    } else if (is_ecdsa(type)) {
+      auto digest = hash_input("sha2-256", kBytes);
+      token_.sign(material_handle(*key, v), CKM_ECDSA, nullptr, 0, digest.data(), digest.size());
+    } else {
+      auto digest = hash_input("sha2-256", kBytes);
+      CK_RSA_PKCS_PSS_PARAMS params{CKM_SHA256, CKG_MGF1_SHA256, 0};
+      params.sLen = pss_salt_length("auto", rsa_modulus_bits(v.public_key), digest.size());
+      token_.sign(material_handle(*key, v), CKM_RSA_PKCS_PSS, &params, sizeof params, digest.data(), digest.size());
+    }
+  });
+}
+
 bool KeyService::verify(const KeyRef& ref, const std::vector<uint8_t>& input, const SignOptions& o,
                         const std::string& signature) {
   return guarded([&] {

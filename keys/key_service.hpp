@@ -273,6 +273,11 @@ class KeyService {
 
   // Transit signing with an asymmetric key's version (0 = latest), in the token.
   SignResult sign(const KeyRef& ref, const std::vector<uint8_t>& input, const SignOptions& options, int key_version);
+  // For scripts/bench's floor-plus-sign route only (api/sys_routes.cpp, compiled in with
+  // -DP11KMS_BENCH=ON): the token's signature of 32 fixed bytes with the key's latest version,
+  // made as bench/token_bench.cpp makes R's (SHA-256 in the process for ECDSA and RSA-PSS,
+  // Ed25519 over the bytes), with none of what sign() adds around it; the signature is dropped.
+  void sign_as_token_benchmark(const KeyRef& ref);
   // Checks a "vault:v<N>:" signature: false when it does not verify; 400 when it cannot be
   // decoded or names a version that does not exist or is below min_decryption_version.
   bool verify(const KeyRef& ref, const std::vector<uint8_t>& input, const SignOptions& options,

@@ -214,6 +214,14 @@ def test_lookup_self(server):
     assert server.token not in r.text, "lookup-self must never echo the token"
 
 
+def test_the_benchmarks_floor_plus_sign_route_is_not_in_a_test_or_release_build(server):
+    # Only scripts/bench's build (-DP11KMS_BENCH=ON) registers it; elsewhere a key's holder must
+    # not be able to make the token sign through a route outside transit's policies.
+    create_key(server, "bench-route-probe", type="ecdsa-p256")
+    r = server.request("GET", "/v1/sys/bench/floor-sign/bench-route-probe")
+    assert r.status_code == 404, r.text
+
+
 def test_request_id_generated_on_success_and_unique(server):
     r1 = server.request("POST", "/v1/transit/random", json={})
     r2 = server.request("POST", "/v1/transit/random", json={})

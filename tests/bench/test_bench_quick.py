@@ -174,6 +174,32 @@ def test_paired_rounds_judge_each_rate_by_its_best_round(run):
         assert row["errors"] == "0", row
 
 
+def test_floor_plus_sign_rows_follow_their_rounds_and_the_targets_table(run):
+    """E, the floor route plus one token signature, runs in the sign's paired rounds: its ratios
+    must come from its best round and from the targets table's best H and roofline."""
+    proc, _ = run
+    found = {t[0][0]: t for t in tables(proc.stdout)}
+    title = "floor plus sign (operation)"
+    assert title in found, "no table %r in:\n%s" % (title, proc.stdout)
+    header, rows = found[title]
+    targets = {r[0]: dict(zip(found["targets: paired (operation)"][0], r))
+               for r in found["targets: paired (operation)"][1]}
+    by_op = {r[0]: dict(zip(header, r)) for r in rows}
+    assert list(by_op) == ["sign ecdsa-p256"], by_op  # --quick pairs encrypt and ecdsa-p256 only
+    row, target = by_op["sign ecdsa-p256"], targets["sign ecdsa-p256"]
+    es = [number(x) for x in row["E req/s (rounds)"].split(" / ")]
+    assert es and all(v is not None and v > 0 for v in es), row
+    assert len(es) == len(target["H req/s (rounds)"].split(" / ")), (row, target)
+    e = number(row["best E req/s"])
+    assert e == max(es), row
+    assert row["best H req/s"] == target["best H req/s"] and row["roofline items/s"] == target["roofline items/s"]
+    h, roof = number(row["best H req/s"]), number(row["roofline items/s"])
+    assert abs(100 * h / e - number(row["H/E"])) <= 1.0, row
+    assert abs(100 * e / roof - number(row["E/roofline"])) <= 1.0, row
+    assert row["H/roofline"] == target["H/roofline"], (row, target)
+    assert row["errors"] == "0", row
+
+
 def test_fresh_server_rss_is_read_after_the_request_counts_it_names(run):
     """The memory target's row: a fresh server's RSS after its first N1 and after N2 encrypt
     requests. wrk runs for a duration, so the script sizes its runs to reach the counts; the row
